@@ -1,0 +1,237 @@
+"""`arcface <stage>`: the commands dvc.yaml runs, plus `search`.
+
+Every stage reads params.yaml (or --params) with any number of `--set key=value` overrides, and takes its
+input and output paths as options whose defaults are the workspace layout that dvc.yaml uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from arcface.config import ParamsError, load_params
+from arcface.layout import Layout
+
+logger = logging.getLogger("arcface")
+LAYOUT = Layout()
+
+
+def _download(args: argparse.Namespace) -> int:
+    from arcface.data import lfw
+
+    params = _params(args)
+    result = lfw.run(params.download, args.out)
+    print(f"{result.images} images of {result.people} people in {result.out_dir}")
+    return 0
+
+
+def _align(args: argparse.Namespace) -> int:
+    from arcface.data import align
+
+    result = align.run(_params(args).align, args.images, args.out)
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.counts.items()))
+    print(f"aligned {result.images} images ({counts}) into {result.out_dir}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from arcface import evaluate, train
+
+    params = _params(args)
+    excluded = evaluate.scored_identities(args.protocols, params.evaluate.protocol)
+    result = train.run(params, args.aligned, excluded, args.out)
+    last = result.history[-1]
+    print(
+        f"trained {params.train.backbone} on {len(result.split.rows)} faces of "
+        f"{result.split.num_classes} identities: loss {last.loss:.4f}, train accuracy "
+        f"{last.accuracy:.3f} -> {result.checkpoint}"
+    )
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from arcface import embed
+
+    result = embed.run(_params(args).embed, args.aligned, args.checkpoint, args.out)
+    print(f"{result.count} embeddings of dimension {result.dimension} in {result.out_dir}")
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    from arcface import index
+
+    built = index.run(_params(args).index, args.embeddings, args.aligned, args.out)
+    print(f"index of {built.index.ntotal} faces in {args.out}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from arcface import evaluate
+
+    report = evaluate.run(_params(args).evaluate, args.protocols, args.aligned, args.embeddings, args.out)
+    print(report.summary())
+    return 0
+
+
+def _track(args: argparse.Namespace) -> int:
+    from arcface import tracking
+
+    params = _params(args)
+    tracked = tracking.log_pipeline_run(
+        params, tracking.run_inputs(args.model, args.reports, args.aligned), args.out
+    )
+    print(f"MLflow run {tracked.run_id} ({tracked.tracking_uri})")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from arcface.search import FaceSearcher
+
+    params = _params(args)
+    photos = expand_photos(args.photos)
+    searcher = FaceSearcher(args.checkpoint, args.index, params.align, params.embed)
+    k = args.k or params.index.k
+    results = [searcher.search(photo, k) for photo in photos]
+    if args.csv:
+        write_search_csv(args.csv, results)
+        print(f"wrote {len(results)} answers to {args.csv}")
+    else:
+        for result in results:
+            print(result.photo)
+            if result.status != "ok":
+                print(f"  {result.status}: {result.reason}")
+            for rank, match in enumerate(result.matches, 1):
+                print(f"  {rank}. {match.identity:<32} {match.score:.3f}  ({match.path})")
+    failed = sum(r.status != "ok" for r in results)
+    if failed:
+        print(f"{failed} of {len(results)} photos could not be answered", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def expand_photos(items: Sequence[Path]) -> list[Path]:
+    """Files as given; folders become their images (recursively, sorted)."""
+    from arcface.data.align import IMAGE_SUFFIXES
+
+    photos: list[Path] = []
+    for item in items:
+        if item.is_dir():
+            photos += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            photos.append(item)
+    return photos
+
+
+def write_search_csv(path: Path, results) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["photo", "status", "reason", "rank", "identity", "score", "gallery_path"])
+        for result in results:
+            if not result.matches:
+                writer.writerow([result.photo, result.status, result.reason, "", "", "", ""])
+            for rank, match in enumerate(result.matches, 1):
+                writer.writerow(
+                    [result.photo, result.status, result.reason, rank, match.identity,
+                     f"{match.score:.6f}", match.path]
+                )  # fmt: skip
+
+
+def _params(args: argparse.Namespace):
+    return load_params(args.params, args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--params",
+        type=Path,
+        default=Path("params.yaml"),
+        help="params file (default: %(default)s)",
+    )
+    common.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one param, e.g. --set train.epochs=2 (repeatable; VALUE is YAML)",
+    )
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = argparse.ArgumentParser(
+        prog="arcface",
+        description="Face verification pipeline stages (the commands dvc.yaml runs) and face search.",
+        epilog="Run `arcface <command> --help` for a command's options. Defaults follow dvc.yaml.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+
+    def command(name: str, handler: Callable[[argparse.Namespace], int], text: str):
+        sub = commands.add_parser(name, parents=[common], help=text, description=text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def path(sub: argparse.ArgumentParser, flag: str, default: Path, text: str) -> None:
+        sub.add_argument(flag, type=Path, default=default, help=f"{text} (default: %(default)s)")
+
+    sub = command("download", _download, "fetch the images archive and protocol files, verify, extract")
+    path(sub, "--out", LAYOUT.raw, "output folder")
+
+    sub = command("align", _align, "detect 5 landmarks with MTCNN and warp faces to 112×112")
+    path(sub, "--images", LAYOUT.images, "folder of <Person>/<image> photos")
+    path(sub, "--out", LAYOUT.aligned, "aligned store folder")
+
+    sub = command("train", _train, "train the backbone on identities the evaluation doesn't score")
+    path(sub, "--aligned", LAYOUT.aligned, "aligned store")
+    path(sub, "--protocols", LAYOUT.protocols, "folder of LFW protocol files")
+    path(sub, "--out", LAYOUT.model, "model folder")
+
+    sub = command("embed", _embed, "embed every aligned face (L2-normalized)")
+    path(sub, "--aligned", LAYOUT.aligned, "aligned store")
+    path(sub, "--checkpoint", LAYOUT.model / "checkpoint.pt", "trained checkpoint")
+    path(sub, "--out", LAYOUT.embeddings, "embeddings folder")
+
+    sub = command("index", _index, "build the FAISS index and its labels table")
+    path(sub, "--embeddings", LAYOUT.embeddings, "embeddings folder")
+    path(sub, "--aligned", LAYOUT.aligned, "aligned store (for identities and paths)")
+    path(sub, "--out", LAYOUT.index, "index folder")
+
+    sub = command("evaluate", _evaluate, "LFW verification protocol: accuracy, ROC AUC, EER, TAR@FAR")
+    path(sub, "--protocols", LAYOUT.protocols, "folder of LFW protocol files")
+    path(sub, "--aligned", LAYOUT.aligned, "aligned store")
+    path(sub, "--embeddings", LAYOUT.embeddings, "embeddings folder")
+    path(sub, "--out", LAYOUT.reports, "reports folder")
+
+    sub = command("track", _track, "record the run (params, curves, metrics, plots, model) in MLflow")
+    path(sub, "--model", LAYOUT.model, "model folder")
+    path(sub, "--reports", LAYOUT.reports, "reports folder")
+    path(sub, "--aligned", LAYOUT.aligned, "aligned store (contact sheet)")
+    path(sub, "--out", LAYOUT.reports / "mlflow_run.json", "where to write the run id")
+
+    sub = command("search", _search, "who is in these photos: top-k identities with cosine scores")
+    sub.add_argument("photos", type=Path, nargs="+", help="photos or folders of photos")
+    sub.add_argument("--k", type=int, default=None, help="identities per photo (default: index.k)")
+    sub.add_argument("--csv", type=Path, default=None, help="write answers to this CSV instead")
+    path(sub, "--checkpoint", LAYOUT.model / "checkpoint.pt", "trained checkpoint")
+    path(sub, "--index", LAYOUT.index, "index folder")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return args.handler(args)
+    except (ParamsError, FileNotFoundError, ValueError, RuntimeError) as err:
+        # Expected failures (bad params, bad input files, unreachable sources) get one clear line.
+        print(f"arcface {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

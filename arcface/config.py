@@ -1,0 +1,225 @@
+"""Typed, frozen parameters read once from params.yaml.
+
+Every tunable value of the pipeline lives in params.yaml; this module turns it into validated objects.
+An unknown key, a wrong type or an out-of-range value raises `ParamsError` naming the key and what is
+allowed. Overrides (`train.epochs=2`) are applied to the raw mapping before validation, so they are
+checked exactly like the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEFAULT_PARAMS_PATH = Path("params.yaml")
+
+Device = Literal["auto", "cpu", "cuda"]
+# Kept in step with arcface.models.backbones.BACKBONES (a test checks they agree); listing the names
+# here keeps loading params free of a torch import.
+BackboneName = Literal["resnet34", "resnet50"]
+
+
+class ParamsError(ValueError):
+    """Invalid parameters: the message names the file, each offending key and what it accepts."""
+
+
+class _Section(BaseModel):
+    # strict: YAML already gives typed values, so "2" for an int is a mistake worth reporting.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Source(_Section):
+    """One file to fetch: an https/http/file URL or a local path, with its expected sha256."""
+
+    url: str = Field(min_length=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class DatasetSources(_Section):
+    """The images archive and the LFW protocol files that describe one dataset."""
+
+    images: Source
+    pairs: Source | None = None  # View 2: 10 folds, the reporting set
+    pairs_dev_train: Source | None = None  # View 1, development
+    pairs_dev_test: Source | None = None
+
+
+class DownloadParams(_Section):
+    dataset: Literal["sample", "lfw"] = "sample"
+    sample: DatasetSources
+    lfw: DatasetSources
+    timeout_s: float = Field(60.0, gt=0)
+    attempts: int = Field(3, ge=1, le=20)
+
+    @property
+    def sources(self) -> DatasetSources:
+        """The source set chosen by `dataset`."""
+        return self.sample if self.dataset == "sample" else self.lfw
+
+
+class AlignParams(_Section):
+    batch_size: int = Field(32, ge=1, le=4096)
+    min_face_size: int = Field(20, ge=8, le=1000)
+    thresholds: tuple[float, float, float] = Field((0.6, 0.7, 0.7), strict=False)
+    factor: float = Field(0.709, gt=0.1, lt=1.0)
+    device: Device = "auto"
+
+
+class TrainParams(_Section):
+    backbone: BackboneName = "resnet34"
+    embedding_size: int = Field(512, ge=2, le=4096)
+    loss: Literal["softmax", "arcface"] = "arcface"
+    scale: float = Field(64.0, gt=0, le=256)
+    margin: float = Field(0.5, ge=0, lt=1.5)  # additive angular margin m (radians), arcface only
+    epochs: int = Field(10, ge=1, le=1000)
+    batch_size: int = Field(64, ge=2, le=8192)
+    lr: float = Field(0.1, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0, le=1)
+    warmup_epochs: float = Field(1.0, ge=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    min_images_per_identity: int = Field(2, ge=1, le=1000)
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    device: Device = "auto"
+    num_workers: int = Field(0, ge=0, le=64)
+
+
+class EmbedParams(_Section):
+    batch_size: int = Field(128, ge=1, le=65536)
+    flip: bool = True  # flip test-time augmentation: embed(x) + embed(mirror(x)), re-normalized
+    device: Device = "auto"
+
+
+class IndexParams(_Section):
+    type: Literal["flat"] = "flat"
+    k: int = Field(5, ge=1, le=1000)
+
+
+class EvaluateParams(_Section):
+    protocol: Literal["view2", "view1"] = "view2"
+    far_target: float = Field(1e-3, gt=0, lt=1)
+
+
+class TrackingParams(_Section):
+    experiment: str = Field("train-and-eval", min_length=1)
+    log_model: bool = True
+    registered_model_name: str | None = "arcface-backbone"
+
+
+class Params(_Section):
+    seed: int = Field(0, ge=0)
+    download: DownloadParams
+    align: AlignParams = AlignParams()
+    train: TrainParams = TrainParams()
+    embed: EmbedParams = EmbedParams()
+    index: IndexParams = IndexParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    tracking: TrackingParams = TrackingParams()
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split `a.b.c=value` into the dotted key and the YAML-parsed value (`2` -> int, `[1, 2]` -> list)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ParamsError(f"override {text!r}: expected KEY=VALUE, e.g. train.epochs=2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ParamsError(f"override {text!r}: the value is not valid YAML ({err})") from err
+    return key, value
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of `raw` with each dotted key set; unknown keys are caught later by validation."""
+    result = _deep_copy(raw)
+    for dotted, value in overrides.items():
+        node = result
+        *parents, leaf = dotted.split(".")
+        for depth, part in enumerate(parents):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                prefix = ".".join(parents[: depth + 1])
+                raise ParamsError(f"override {dotted}: {prefix} is a value, not a section")
+            node = child
+        node[leaf] = value
+    return result
+
+
+def load_params(
+    path: str | Path = DEFAULT_PARAMS_PATH,
+    overrides: Iterable[str] | Mapping[str, Any] = (),
+) -> Params:
+    """Read `path`, apply overrides (`"train.epochs=2"` strings or a dotted-key mapping), validate."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as err:
+        raise ParamsError(f"{path}: file not found") from err
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    if not isinstance(overrides, Mapping):
+        overrides = dict(parse_override(item) for item in overrides)
+    return validate_params(apply_overrides(raw, overrides), origin=str(path))
+
+
+def validate_params(raw: Mapping[str, Any], origin: str = "params") -> Params:
+    """Validate a raw mapping; every problem is listed with its dotted key."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        lines = [_describe(error) for error in err.errors()]
+        raise ParamsError(f"{origin}: invalid parameters\n  " + "\n  ".join(lines)) from None
+
+
+def flatten(params: Params) -> dict[str, Any]:
+    """Dotted keys -> scalar values (lists/tuples joined), e.g. for MLflow params."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, child in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, child)
+        elif isinstance(value, list | tuple):
+            flat[prefix] = ",".join(str(v) for v in value)
+        else:
+            flat[prefix] = value
+
+    walk("", params.model_dump(mode="json"))
+    return flat
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(error["loc"][:-1])
+        return f"{key}: unknown key (allowed here: {', '.join(allowed)})"
+    if error["type"] == "missing":
+        return f"{key}: required key is missing"
+    return f"{key}: {error['msg']} (got {error.get('input')!r})"
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the section at `loc`, for 'unknown key' messages."""
+    model: type[BaseModel] = Params
+    for part in loc:
+        annotation = model.model_fields[str(part)].annotation
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if a is not None]
+        model = next(a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel))
+    return sorted(model.model_fields)
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _deep_copy(child) for key, child in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(child) for child in value]
+    return value

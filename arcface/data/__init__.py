@@ -1,0 +1,1 @@
+"""LFW download and protocols, face alignment, the aligned store and torch datasets."""

@@ -1,0 +1,100 @@
+"""Training data from the aligned store: which identities may train, and batches augmented on the device.
+
+LFW-sized sets fit in memory (13,233 faces are 0.5 GB as uint8), so the selected faces are copied once
+into a uint8 tensor on the training device; each batch is indexed, flipped and normalized there. No JPEG
+decoding and no worker processes in the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from arcface.data.store import usable_rows
+
+
+@dataclass(frozen=True)
+class TrainingSplit:
+    """Rows of the store that train, their class ids, and the class names (index = class id)."""
+
+    rows: np.ndarray  # (N,) int64 manifest rows
+    labels: np.ndarray  # (N,) int64 in [0, C)
+    classes: list[str]
+    excluded_identities: int  # identities left out because the evaluation scores them
+    too_small_identities: int  # identities left out for having fewer than the minimum images
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def training_split(
+    manifest: pd.DataFrame, excluded: Iterable[str], min_images_per_identity: int
+) -> TrainingSplit:
+    """Every usable face whose identity is not `excluded` and has enough images.
+
+    `excluded` holds the identities the model will be scored on: honest evaluation means the model
+    never trains on them (DESIGN.md, "Honest evaluation").
+    """
+    excluded = set(excluded)
+    usable = manifest.iloc[usable_rows(manifest)]
+    allowed = usable[~usable["identity"].isin(excluded)]
+    counts = allowed["identity"].value_counts()
+    kept_names = sorted(counts[counts >= min_images_per_identity].index)
+    kept = allowed[allowed["identity"].isin(kept_names)]
+    class_of = {name: label for label, name in enumerate(kept_names)}
+    return TrainingSplit(
+        rows=kept.index.to_numpy(dtype=np.int64),
+        labels=kept["identity"].map(class_of).to_numpy(dtype=np.int64),
+        classes=kept_names,
+        excluded_identities=len(set(usable["identity"]) & excluded),
+        too_small_identities=int((counts < min_images_per_identity).sum()),
+    )
+
+
+def to_model_input(faces: torch.Tensor) -> torch.Tensor:
+    """(B, 112, 112, 3) uint8 -> (B, 3, 112, 112) float in [-1, 1), channels_last: (x − 127.5) / 128."""
+    images = faces.permute(0, 3, 1, 2).float().sub_(127.5).div_(128.0)
+    return images.contiguous(memory_format=torch.channels_last)
+
+
+class DeviceBatches:
+    """Shuffled mini-batches of faces held on the training device, with random horizontal flips."""
+
+    def __init__(
+        self,
+        faces: np.ndarray,
+        labels: np.ndarray,
+        batch_size: int,
+        device: torch.device,
+        seed: int,
+        flip: bool = True,
+    ) -> None:
+        if len(faces) < batch_size:
+            raise ValueError(
+                f"only {len(faces)} training faces for batch_size {batch_size}: lower train.batch_size"
+            )
+        self.faces = torch.from_numpy(np.ascontiguousarray(faces)).to(device)  # (N, 112, 112, 3)
+        self.labels = torch.as_tensor(np.array(labels, dtype=np.int64), device=device)
+        self.batch_size, self.device, self.seed, self.flip = batch_size, device, seed, flip
+
+    def __len__(self) -> int:
+        # The last incomplete batch is dropped: BatchNorm and the schedule prefer equal batches.
+        return len(self.faces) // self.batch_size
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of one epoch; the order depends only on (seed, epoch), so a resumed run matches."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.faces), generator=generator).to(self.device)
+        flips = torch.rand(len(self.faces), generator=generator).to(self.device) < 0.5
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            index = order[start : start + self.batch_size]
+            images = to_model_input(self.faces[index])  # (B, 3, 112, 112)
+            if self.flip:
+                flipped = flips[index][:, None, None, None]
+                images = torch.where(flipped, images.flip(3), images)
+            yield images, self.labels[index]

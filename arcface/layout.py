@@ -1,0 +1,58 @@
+"""Where each stage's files live inside a workspace (the same paths dvc.yaml names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# LFW protocol files by their params key (download.<dataset>.<key>) -> file name on disk.
+PROTOCOL_FILES = {
+    "pairs": "pairs.txt",
+    "pairs_dev_train": "pairsDevTrain.txt",
+    "pairs_dev_test": "pairsDevTest.txt",
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Default stage inputs and outputs under `root`; every CLI path option defaults to these."""
+
+    root: Path = Path(".")
+
+    @property
+    def raw(self) -> Path:
+        """download: `images/<Person>/<Person>_NNNN.jpg` and `protocols/*.txt`."""
+        return self.root / "data" / "raw"
+
+    @property
+    def images(self) -> Path:
+        return self.raw / "images"
+
+    @property
+    def protocols(self) -> Path:
+        return self.raw / "protocols"
+
+    @property
+    def aligned(self) -> Path:
+        """align: `faces.npy`, `manifest.parquet`, `contact_sheet.png`."""
+        return self.root / "data" / "aligned"
+
+    @property
+    def model(self) -> Path:
+        """train: `checkpoint.pt`, `history.csv`, `split.json`."""
+        return self.root / "models"
+
+    @property
+    def embeddings(self) -> Path:
+        """embed: `embeddings.npy` (N×D float32) and `rows.npy` (manifest row of each)."""
+        return self.root / "data" / "embeddings"
+
+    @property
+    def index(self) -> Path:
+        """index: `faces.faiss`, `labels.parquet`, `index.json`."""
+        return self.root / "data" / "index"
+
+    @property
+    def reports(self) -> Path:
+        """evaluate: `metrics.json`, `roc.csv`, `scores.csv`, PNG plots; track: `mlflow_run.json`."""
+        return self.root / "reports"

@@ -1,0 +1,1 @@
+"""Backbones (by name, from a registry) and the normalized classifier head."""

@@ -1,0 +1,135 @@
+"""The one place that talks to MLflow: one run per pipeline run, built from the stages' output files.
+
+Tracking reads what the stages wrote (history.csv, metrics.json, plots, the checkpoint) instead of being
+threaded through them, so `dvc repro` (one process per stage) and the Prefect flow record the same run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from arcface.config import Params, flatten
+from arcface.files import read_json, write_json
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+RUN_FILE = "mlflow_run.json"
+# What the logged model needs to be loaded elsewhere; explicit, because inferring it is ~50× slower.
+MODEL_REQUIREMENTS = ("torch", "torchvision", "numpy")
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """Files of one pipeline run, as written by the stages."""
+
+    history: Path  # train: per-epoch metrics
+    metrics: Path  # evaluate: metrics.json
+    checkpoint: Path
+    artifacts: tuple[Path, ...]  # plots and tables to attach
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+
+
+def run_inputs(model_dir: Path, reports_dir: Path, aligned_dir: Path) -> RunInputs:
+    """The stage outputs a tracked run records (shared with the Prefect flow)."""
+    from arcface import evaluate, train
+    from arcface.data import store
+
+    return RunInputs(
+        history=Path(model_dir) / train.HISTORY_FILE,
+        metrics=Path(reports_dir) / evaluate.METRICS_FILE,
+        checkpoint=Path(model_dir) / train.CHECKPOINT_FILE,
+        artifacts=(
+            Path(reports_dir) / evaluate.ROC_PLOT,
+            Path(reports_dir) / evaluate.HISTOGRAM_PLOT,
+            Path(reports_dir) / evaluate.ROC_FILE,
+            Path(model_dir) / train.HISTORY_FILE,
+            Path(model_dir) / train.SPLIT_FILE,
+            Path(aligned_dir) / store.CONTACT_SHEET_FILE,
+        ),
+    )
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set, else a SQLite file in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def log_pipeline_run(
+    params: Params, inputs: RunInputs, out_file: Path, tags: dict[str, str] | None = None
+) -> TrackedRun:
+    """Record params, per-epoch and final metrics, plots and the model as one MLflow run."""
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.set_experiment(params.tracking.experiment)
+    with mlflow.start_run(experiment_id=experiment.experiment_id, tags=tags or {}) as run:
+        mlflow.log_params(flatten(params))
+        history = pd.read_csv(inputs.history)
+        for epoch in history.itertuples(index=False):
+            mlflow.log_metrics(
+                {
+                    "train_loss": epoch.loss,
+                    "train_accuracy": epoch.accuracy,
+                    "lr": epoch.lr,
+                    "images_per_second": epoch.images_per_second,
+                },
+                step=int(epoch.epoch),
+            )
+        metrics = read_json(inputs.metrics)
+        mlflow.log_metrics(
+            {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+            | {f"fold_accuracy_{i}": a for i, a in enumerate(metrics.get("fold_accuracies", []))}
+        )
+        for artifact in (inputs.metrics, *inputs.artifacts):
+            if artifact.exists():
+                mlflow.log_artifact(str(artifact))
+        if params.tracking.log_model:
+            _log_model(inputs.checkpoint, params.tracking.registered_model_name)
+    tracked = TrackedRun(run.info.run_id, experiment.experiment_id, uri)
+    write_json(out_file, {"run_id": tracked.run_id, "experiment_id": tracked.experiment_id})
+    logger.info("MLflow run %s in experiment %r (%s)", tracked.run_id, params.tracking.experiment, uri)
+    return tracked
+
+
+def _log_model(checkpoint: Path, registered_name: str | None) -> None:
+    import mlflow.pytorch
+
+    from arcface.train import load_backbone
+
+    model, _ = load_backbone(checkpoint)
+    # Two images, not one: a batch of one lets torch.export fix the batch size to 1.
+    example = np.zeros((2, 3, 112, 112), dtype=np.float32)
+    mlflow.pytorch.log_model(
+        model,
+        name="model",
+        input_example=example,
+        pip_requirements=[_pinned(package) for package in MODEL_REQUIREMENTS],
+        registered_model_name=registered_name,
+    )
+
+
+def _pinned(package: str) -> str:
+    try:
+        return f"{package}=={version(package)}"
+    except PackageNotFoundError:
+        return package
+
+
+def read_run_id(out_file: Path) -> str | None:
+    """The run id written by the last `log_pipeline_run`, if any."""
+    return read_json(out_file)["run_id"] if Path(out_file).exists() else None

@@ -1,0 +1,1 @@
+"""Prefect flows; `train_and_eval` holds the `train-and-eval` flow."""

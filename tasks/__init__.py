@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers that call the arcface stage functions in-process."""

@@ -1,0 +1,40 @@
+"""Keep the Prefect flow and `dvc repro` in one state: DVC's lock file is the record of what is done.
+
+Before a stage runs, DVC is asked whether it is up to date (same deps, params and outs as in dvc.lock);
+if so the flow skips it. After it runs in-process, `dvc commit` records its outputs exactly as `dvc repro`
+would. So after either door, `dvc status` is clean and the other door recomputes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+class DvcSync:
+    """Stage bookkeeping against the DVC project at `root` (a folder holding dvc.yaml and .dvc/)."""
+
+    def __init__(self, root: Path = Path(".")) -> None:
+        self.root = Path(root)
+
+    @staticmethod
+    def available(root: Path = Path(".")) -> bool:
+        """True when `root` is a DVC project with a pipeline."""
+        return (Path(root) / ".dvc").is_dir() and (Path(root) / "dvc.yaml").is_file()
+
+    def up_to_date(self, stage: str) -> bool:
+        """True when the stage's deps, params and outs match dvc.lock."""
+        from dvc.repo import Repo
+
+        with Repo(str(self.root)) as repo:
+            return not repo.status(targets=[stage])
+
+    def commit(self, stage: str) -> None:
+        """Record the stage's current deps, params and outs in dvc.lock (and outs in the cache)."""
+        from dvc.repo import Repo
+
+        with Repo(str(self.root)) as repo:
+            repo.commit(stage, force=True)
+        logger.info("dvc: committed stage %s", stage)

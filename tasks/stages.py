@@ -1,0 +1,73 @@
+"""One Prefect task per pipeline stage; each calls the same `run` function the CLI calls.
+
+Tasks pass paths, never tensors or arrays. Only `download` retries: it is the only network I/O.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from arcface import embed, evaluate, index, tracking, train
+from arcface.config import Params
+from arcface.data import align, lfw
+from arcface.layout import Layout
+
+
+def _network_failure(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry when a source was unreachable, not when its checksum or contents are wrong."""
+    try:
+        state.result()
+    except lfw.ChecksumError:
+        return False
+    except lfw.DownloadError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(name="download", retries=2, retry_delay_seconds=10, retry_condition_fn=_network_failure)
+def download(params: Params, layout: Layout) -> Path:
+    lfw.run(params.download, layout.raw)
+    return layout.raw
+
+
+@task(name="align")
+def align_faces(params: Params, layout: Layout) -> Path:
+    align.run(params.align, layout.images, layout.aligned)
+    return layout.aligned
+
+
+@task(name="train")
+def train_model(params: Params, layout: Layout) -> Path:
+    excluded = evaluate.scored_identities(layout.protocols, params.evaluate.protocol)
+    return train.run(params, layout.aligned, excluded, layout.model).checkpoint
+
+
+@task(name="embed")
+def embed_faces(params: Params, layout: Layout) -> Path:
+    embed.run(params.embed, layout.aligned, layout.model / train.CHECKPOINT_FILE, layout.embeddings)
+    return layout.embeddings
+
+
+@task(name="index")
+def build_index(params: Params, layout: Layout) -> Path:
+    index.run(params.index, layout.embeddings, layout.aligned, layout.index)
+    return layout.index
+
+
+@task(name="evaluate")
+def evaluate_model(params: Params, layout: Layout) -> Path:
+    evaluate.run(params.evaluate, layout.protocols, layout.aligned, layout.embeddings, layout.reports)
+    return layout.reports / evaluate.METRICS_FILE
+
+
+@task(name="track")
+def track_run(params: Params, layout: Layout, tags: dict[str, Any]) -> Path:
+    out = layout.reports / tracking.RUN_FILE
+    inputs = tracking.run_inputs(layout.model, layout.reports, layout.aligned)
+    tracking.log_pipeline_run(params, inputs, out, {k: str(v) for k, v in tags.items()})
+    return out

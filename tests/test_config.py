@@ -1,0 +1,131 @@
+"""Typed params: the file loads, overrides apply, and every mistake names its key."""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+
+from arcface.config import (
+    BackboneName,
+    Params,
+    ParamsError,
+    flatten,
+    load_params,
+    parse_override,
+)
+from arcface.models.backbones import BACKBONES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def project_params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_project_params_load_with_their_values() -> None:
+    params = load_params(ROOT / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.download.dataset == "sample"
+    assert params.download.sources.images.url == "tests/data/sample/lfw-sample.tgz"
+    assert params.align.thresholds == (0.6, 0.7, 0.7)
+    assert params.train.backbone == "resnet34"
+    assert params.evaluate.protocol == "view2"
+
+
+def test_overrides_set_values_with_yaml_types() -> None:
+    params = load_params(
+        ROOT / "params.yaml",
+        [
+            "train.epochs=2",
+            "train.loss=softmax",
+            "embed.flip=false",
+            "align.thresholds=[0.5, 0.6, 0.7]",
+        ],
+    )
+    assert params.train.epochs == 2
+    assert params.train.loss == "softmax"
+    assert params.embed.flip is False
+    assert params.align.thresholds == (0.5, 0.6, 0.7)
+
+
+def test_overrides_as_mapping_like_prefect_parameters() -> None:
+    params = load_params(ROOT / "params.yaml", {"train.epochs": 3, "download.dataset": "lfw"})
+    assert params.train.epochs == 3
+    assert params.download.sources.images.url.startswith("https://")
+
+
+def test_params_are_frozen() -> None:
+    params = load_params(ROOT / "params.yaml")
+    with pytest.raises(Exception, match="frozen"):
+        params.train.epochs = 5  # type: ignore[misc]
+
+
+def test_unknown_key_names_key_and_allowed_keys(tmp_path: Path) -> None:
+    raw = project_params()
+    raw["train"]["epoch"] = 3
+    with pytest.raises(ParamsError) as error:
+        load_params(write(tmp_path, raw))
+    message = str(error.value)
+    assert "train.epoch: unknown key" in message
+    assert "epochs" in message and "batch_size" in message  # the allowed keys are listed
+    assert str(tmp_path / "params.yaml") in message
+
+
+def test_unknown_override_key_is_an_error() -> None:
+    with pytest.raises(ParamsError, match=r"train\.nope: unknown key"):
+        load_params(ROOT / "params.yaml", ["train.nope=1"])
+
+
+def test_wrong_type_and_range_name_key(tmp_path: Path) -> None:
+    raw = project_params()
+    raw["train"]["epochs"] = "ten"
+    raw["train"]["lr"] = -1.0
+    with pytest.raises(ParamsError) as error:
+        load_params(write(tmp_path, raw))
+    message = str(error.value)
+    assert "train.epochs: Input should be a valid integer (got 'ten')" in message
+    assert "train.lr: Input should be greater than 0 (got -1.0)" in message
+
+
+def test_choice_error_lists_allowed_values() -> None:
+    with pytest.raises(ParamsError, match=r"train\.loss: Input should be 'softmax' or 'arcface'"):
+        load_params(ROOT / "params.yaml", ["train.loss=triplet"])
+
+
+def test_bad_checksum_format_is_rejected() -> None:
+    with pytest.raises(ParamsError, match=r"download\.sample\.images\.sha256"):
+        load_params(ROOT / "params.yaml", ["download.sample.images.sha256=abc"])
+
+
+@pytest.mark.parametrize("text", ["train.epochs", "=3", "train.epochs=[1,"])
+def test_malformed_overrides(text: str) -> None:
+    with pytest.raises(ParamsError, match="override"):
+        parse_override(text)
+
+
+def test_missing_file_and_not_a_mapping(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="file not found"):
+        load_params(tmp_path / "absent.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ParamsError, match="expected a mapping"):
+        load_params(tmp_path / "list.yaml")
+
+
+def test_flatten_gives_dotted_scalars() -> None:
+    flat = flatten(load_params(ROOT / "params.yaml"))
+    assert flat["train.epochs"] == load_params(ROOT / "params.yaml").train.epochs
+    assert flat["align.thresholds"] == "0.6,0.7,0.7"
+    assert all(not isinstance(v, dict | list | tuple) for v in flat.values())
+
+
+def test_backbone_choices_match_registry() -> None:
+    assert set(typing.get_args(BackboneName)) == set(BACKBONES)

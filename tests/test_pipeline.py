@@ -1,0 +1,168 @@
+"""End to end on real faces: every stage through the CLI with MLflow, `dvc repro`, and the Prefect
+deployment served by a real local server, leaving DVC's state clean."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import ROOT, make_workspace, tiny_params
+
+from arcface import cli
+from arcface.data.lfw import read_pairs
+from arcface.files import read_json
+
+
+def run_cli(*args: str) -> int:
+    return cli.main(list(args))
+
+
+def test_cli_stages_end_to_end_with_mlflow(
+    tmp_path: Path, tiny_dataset: dict[str, Path], monkeypatch, capsys
+) -> None:
+    workspace = make_workspace(tmp_path / "ws", tiny_params(tiny_dataset))
+    monkeypatch.chdir(workspace)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
+    for stage in ("download", "align", "train", "embed", "index", "evaluate", "track"):
+        assert run_cli(stage) == 0, stage
+
+    record = read_json(workspace / "data/raw/download.json")
+    assert (record["images"], record["people"]) == (80, 20)
+    manifest = pd.read_parquet(workspace / "data/aligned/manifest.parquet")
+    assert len(manifest) == 80 and (manifest["status"] == "ok").all()
+
+    # Honest evaluation: no identity in the scored pairs was a training class.
+    split = read_json(workspace / "models/split.json")
+    scored = set(read_pairs(workspace / "data/raw/protocols/pairs.txt")[["name1", "name2"]].stack())
+    assert split["classes"] == 10 and not scored & set(split["identities"])
+
+    embeddings = np.load(workspace / "data/embeddings/embeddings.npy")
+    assert embeddings.shape == (80, 512)
+    assert np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+
+    metrics = read_json(workspace / "reports/metrics.json")
+    assert metrics["pairs"] == 40 and len(metrics["fold_accuracies"]) == 2
+    assert 0.0 <= metrics["accuracy_mean"] <= 1.0 and 0.0 <= metrics["auc"] <= 1.0
+    roc = pd.read_csv(workspace / "reports/roc.csv")
+    assert roc["fpr"].iloc[-1] == 1.0 and roc["tpr"].iloc[-1] == 1.0
+
+    import mlflow
+
+    run_id = read_json(workspace / "reports/mlflow_run.json")["run_id"]
+    client = mlflow.MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    run = client.get_run(run_id)
+    assert run.data.params["train.backbone"] == "resnet34"
+    assert run.data.params["train.epochs"] == "1"
+    assert run.data.metrics["accuracy_mean"] == pytest.approx(metrics["accuracy_mean"])
+    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1]
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"roc.png", "scores.png", "metrics.json", "contact_sheet.png"} <= artifacts
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert any(m.source_run_id == run_id for m in models)
+    assert client.get_registered_model("arcface-backbone").latest_versions
+
+    # Search: a gallery photo finds its own identity first; a photo without a face is reported,
+    # and the other photos in the same call are still answered.
+    photo = workspace / "data/raw/images" / manifest["path"].iloc[0]
+    blank = tmp_path / "blank.png"
+    from PIL import Image
+
+    Image.new("RGB", (200, 200), (90, 90, 90)).save(blank)
+    capsys.readouterr()
+    assert run_cli("search", str(photo), str(blank), "--k", "3") == 1
+    out = capsys.readouterr()
+    first_line = out.out.splitlines()[1]
+    assert first_line.split()[1] == manifest["identity"].iloc[0]
+    assert float(first_line.split()[2]) == pytest.approx(1.0, abs=1e-3)
+    assert "no_face: no face found" in out.out
+    assert "1 of 2 photos could not be answered" in out.err
+
+
+def test_cli_reports_bad_params_in_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(ROOT)
+    assert run_cli("train", "--set", "train.epoch=3", "--out", str(tmp_path / "m")) == 2
+    err = capsys.readouterr().err
+    assert "arcface train: error: params.yaml: invalid parameters" in err
+    assert "train.epoch: unknown key" in err
+    assert not (tmp_path / "m").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def sh(*cmd: str, cwd: Path, env: dict[str, str] | None = None) -> str:
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_deployment_run_and_dvc_agree(tmp_path: Path, tiny_dataset: dict[str, Path]) -> None:
+    """The deployment served by a real local Prefect server runs the pipeline to COMPLETED; then DVC
+    considers everything up to date, and `dvc repro` recomputes nothing."""
+    from flows.local_server import LocalServer
+
+    workspace = make_workspace(tmp_path / "ws", tiny_params(tiny_dataset))
+    server = LocalServer(tmp_path / "prefect-home", port=free_port())
+    env = server.environment()
+    prefect = [sys.executable, "-m", "prefect"]
+    try:
+        server.start(workdir=workspace)
+        out = sh(*prefect, "deployment", "run", "train-and-eval/local", "--watch",
+                 "--watch-timeout", "600", cwd=workspace, env=env)  # fmt: skip
+        assert "Flow run finished successfully in 'Completed'" in out
+        runs = json.loads(
+            sh(sys.executable, "-c", _LAST_RUN_STATE, cwd=workspace, env=env).strip().splitlines()[-1]
+        )
+        assert runs == ["COMPLETED"]
+    finally:
+        server.stop()
+    assert (workspace / "reports/metrics.json").exists()
+    assert "up to date" in sh(sys.executable, "-m", "dvc", "status", cwd=workspace)
+    second = sh(sys.executable, "-m", "dvc", "repro", cwd=workspace)
+    assert "Data and pipelines are up to date" in second or "didn't change" in second
+    assert "Running stage" not in second
+
+
+_LAST_RUN_STATE = """
+import asyncio, json
+from prefect.client.orchestration import get_client
+async def main():
+    async with get_client() as client:
+        runs = await client.read_flow_runs()
+        print(json.dumps([r.state.type.value for r in runs]))
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+def test_dvc_repro_twice_then_flow_in_process_skips_everything(
+    tmp_path: Path, tiny_dataset: dict[str, Path], monkeypatch, prefect_harness
+) -> None:
+    workspace = make_workspace(tmp_path / "ws", tiny_params(tiny_dataset))
+    first = sh(sys.executable, "-m", "dvc", "repro", cwd=workspace)
+    assert "Running stage 'train'" in first and "Running stage 'track'" in first
+    second = sh(sys.executable, "-m", "dvc", "repro", cwd=workspace)
+    assert "Running stage" not in second
+    assert "up to date" in sh(sys.executable, "-m", "dvc", "status", cwd=workspace)
+
+    # The Prefect flow sees DVC's record and recomputes nothing either.
+    from flows.train_and_eval import train_and_eval
+
+    checkpoint = workspace / "models/checkpoint.pt"
+    before = checkpoint.stat().st_mtime_ns
+    run_file = read_json(workspace / "reports/mlflow_run.json")
+    monkeypatch.chdir(workspace)
+    metrics = train_and_eval()
+    assert metrics == read_json(workspace / "reports/metrics.json")
+    assert checkpoint.stat().st_mtime_ns == before
+    assert read_json(workspace / "reports/mlflow_run.json") == run_file  # no second MLflow run

@@ -1,0 +1,58 @@
+"""Prefect tasks: only network failures are retried."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from http_server import closed_port
+from prefect import flow
+
+from arcface.config import load_params
+from arcface.data import lfw
+from arcface.files import sha256_file
+from arcface.layout import Layout
+from tasks import stages
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def counting_fetch(monkeypatch) -> list[str]:
+    calls: list[str] = []
+    real = lfw.fetch
+
+    def fetch(source, *args, **kwargs):
+        calls.append(source.url)
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(lfw, "fetch", fetch)
+    return calls
+
+
+def run_download(overrides: dict, root: Path):
+    params = load_params(ROOT / "params.yaml", {"download.attempts": 1, **overrides})
+    task = stages.download.with_options(retry_delay_seconds=0)
+
+    @flow
+    def only_download():
+        return task(params, Layout(root))
+
+    return only_download()
+
+
+def test_unreachable_source_is_retried(prefect_harness, monkeypatch, tmp_path: Path) -> None:
+    calls = counting_fetch(monkeypatch)
+    url = f"http://127.0.0.1:{closed_port()}/lfw.tgz"
+    with pytest.raises(lfw.DownloadError, match=r"127\.0\.0\.1"):
+        run_download({"download.sample.images.url": url}, tmp_path)
+    assert calls == [url] * 3  # the first try and the task's two retries
+
+
+def test_wrong_checksum_is_not_retried(prefect_harness, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(ROOT)  # the sample's source path is relative to the project root
+    calls = counting_fetch(monkeypatch)
+    archive = ROOT / "tests/data/sample/lfw-sample.tgz"
+    with pytest.raises(lfw.ChecksumError, match=sha256_file(archive)):
+        run_download({"download.sample.images.sha256": "0" * 64}, tmp_path)
+    assert calls == ["tests/data/sample/lfw-sample.tgz"]  # one try, no retries
+    assert not (tmp_path / "data" / "raw").exists()
