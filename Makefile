@@ -16,6 +16,7 @@ export DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export PREFECT_LOGGING_EXTRA_LOGGERS := arcface
+export PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW := ignore
 
 .PHONY: setup demo test test-fast lint format repro serve stop run ui clean
 

@@ -49,6 +49,7 @@ class LocalServer:
             "PREFECT_HOME": str(self.home.resolve()),
             "PREFECT_API_URL": self.api_url,
             "PREFECT_LOGGING_EXTRA_LOGGERS": "arcface",
+            "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
         }
 
     def start(self, workdir: Path = Path("."), timeout_s: float = 120.0) -> None:

@@ -18,6 +18,7 @@ os.environ.update(
         "DVC_NO_ANALYTICS": "1",
         "PREFECT_HOME": str(_STATE / "prefect"),
         "PREFECT_LOGGING_EXTRA_LOGGERS": "arcface",
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
         "TQDM_DISABLE": "1",
     }
 )

@@ -108,7 +108,7 @@ def small_set(tmp_path_factory: pytest.TempPathFactory) -> DownloadParams:
             handle = sample.extractfile(member)
             assert handle is not None
             add_bytes(small, member.name, handle.read())
-    pairs.write_text("1\nAbdullah_Gul\t1\t2\nAbdullah_Gul\t3\tAdam_Sandler\t1\n")
+    pairs.write_text("1\nAbdullah_Gul\t1\t2\nAbdullah_Gul\t3\tAbel_Pacheco\t1\n")
     return make_params((str(archive), sha256_file(archive)), pairs_dev_train=(str(pairs), sha256_file(pairs)))
 
 
@@ -475,7 +475,7 @@ def test_protocol_naming_a_missing_image(tmp_path: Path, good_out: tuple[Path, d
     out_dir, _ = good_out
     pairs = tmp_path / "pairsDevTest.txt"
     pairs.write_text(
-        "1\nAbdullah_Gul\t1\t2\nAbdullah_Gul\t1\tAdam_Sandler\t9\n"  # Adam_Sandler has 4 images
+        "1\nAbdullah_Gul\t1\t2\nAbdullah_Gul\t1\tAbel_Pacheco\t9\n"  # Abel_Pacheco has 4 images
     )
     params = make_params((str(SAMPLE_TGZ), TGZ_SHA), pairs_dev_test=(str(pairs), sha256_file(pairs)))
 
@@ -484,7 +484,7 @@ def test_protocol_naming_a_missing_image(tmp_path: Path, good_out: tuple[Path, d
 
     message = str(caught.value)
     assert "pairsDevTest.txt" in message and str(pairs) in message
-    assert "line 3: Adam_Sandler/Adam_Sandler_0009.jpg" in message
+    assert "line 3: Abel_Pacheco/Abel_Pacheco_0009.jpg" in message
     assert_intact(good_out)
 
 
