@@ -28,6 +28,8 @@ def atomic_path(target: str | Path, directory: bool = False) -> Iterator[Path]:
         handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         os.close(handle)
         temp = Path(name)
+    # mkstemp/mkdtemp create private (0600/0700) entries; outputs get the usual umask permissions.
+    temp.chmod((0o777 if directory else 0o666) & ~_umask())
     try:
         yield temp
         if directory and target.exists():
@@ -42,6 +44,12 @@ def atomic_path(target: str | Path, directory: bool = False) -> Iterator[Path]:
     except BaseException:
         remove(temp)
         raise
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def remove(path: Path) -> None:

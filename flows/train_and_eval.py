@@ -10,6 +10,7 @@ is an experiment outside params.yaml, so DVC is left alone.
 from __future__ import annotations
 
 import argparse
+import logging
 import subprocess
 import sys
 from collections.abc import Callable
@@ -44,6 +45,7 @@ def train_and_eval(
     """Run every stage on the params in `params_file`, with dotted-key `overrides` such as
     {"train.epochs": 2}; returns the evaluation metrics."""
     logger = get_run_logger()
+    logging.getLogger("arcface").setLevel(logging.INFO)  # the stages' progress lines, in the run's log
     overrides = overrides or {}
     params = load_params(params_file, overrides)
     layout = Layout()
@@ -115,8 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     overrides = dict(parse_override(item) for item in args.overrides)
-    metrics = train_and_eval(overrides=overrides, params_file=args.params)
+    try:
+        metrics = train_and_eval(overrides=overrides, params_file=args.params)
+    except Exception as err:  # Prefect has logged the failing task and its traceback above
+        print(f"train-and-eval failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    layout = Layout()
     print(VerificationReport(**metrics).summary())
+    print(f"metrics: {layout.reports / 'metrics.json'}, plots: {layout.reports}/*.png")
+    run_id = read_json(layout.reports / "mlflow_run.json")["run_id"]
+    print(f"MLflow run {run_id}: `make ui`, then http://127.0.0.1:5000")
     return 0
 
 

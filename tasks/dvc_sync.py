@@ -35,6 +35,8 @@ class DvcSync:
         """Record the stage's current deps, params and outs in dvc.lock (and outs in the cache)."""
         from dvc.repo import Repo
 
+        # DVC announces each lock-file update on its own logger; the flow logs one line instead.
+        logging.getLogger("dvc").setLevel(logging.WARNING)
         with Repo(str(self.root)) as repo:
             repo.commit(stage, force=True)
         logger.info("dvc: committed stage %s", stage)
