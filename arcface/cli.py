@@ -143,15 +143,15 @@ def _params(args: argparse.Namespace):
     return load_params(args.params, args.overrides)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+def add_params_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--params FILE` and repeatable `--set KEY=VALUE` (also used by the flow's command line)."""
+    parser.add_argument(
         "--params",
         type=Path,
         default=Path("params.yaml"),
         help="params file (default: %(default)s)",
     )
-    common.add_argument(
+    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -159,7 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override one param, e.g. --set train.epochs=2 (repeatable; VALUE is YAML)",
     )
-    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    add_params_arguments(common)
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks")
     parser = argparse.ArgumentParser(
         prog="arcface",
         description="Face verification pipeline stages (the commands dvc.yaml runs) and face search.",
@@ -228,6 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (ParamsError, FileNotFoundError, ValueError, RuntimeError) as err:
+        if args.verbose:
+            raise
         # Expected failures (bad params, bad input files, unreachable sources) get one clear line.
         print(f"arcface {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from arcface.cli import add_params_arguments
 from arcface.config import load_params, parse_override
 from arcface.evaluate import VerificationReport
 from arcface.files import read_json
@@ -106,19 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         description="Run the train-and-eval flow in this process (Prefect starts a temporary "
         "server unless PREFECT_API_URL points at one)."
     )
-    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one param, e.g. --set train.epochs=2 (repeatable)",
-    )
+    add_params_arguments(parser)
     args = parser.parse_args(argv)
     overrides = dict(parse_override(item) for item in args.overrides)
     try:
-        metrics = train_and_eval(overrides=overrides, params_file=args.params)
+        metrics = train_and_eval(overrides=overrides, params_file=str(args.params))
     except Exception as err:  # Prefect has logged the failing task and its traceback above
         print(f"train-and-eval failed: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
