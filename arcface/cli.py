@@ -230,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # it announces each CPU variant it tries
     try:
         return args.handler(args)
     except (ParamsError, FileNotFoundError, ValueError, RuntimeError) as err:
