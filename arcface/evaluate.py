@@ -21,7 +21,7 @@ from arcface.config import EvaluateParams
 from arcface.data import store
 from arcface.data.lfw import protocol_identities, read_pairs
 from arcface.embed import load_embeddings
-from arcface.files import write_json
+from arcface.files import atomic_path, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -237,15 +237,19 @@ def run(
         threshold_same,
     )
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / METRICS_FILE, asdict(report))
     roc = roc_curve(scores, same)
-    roc.replace([np.inf], 1.0).to_csv(out_dir / ROC_FILE, index=False)
-    pairs.assign(score=scores)[["fold", "path1", "path2", "same", "score"]].to_csv(
-        out_dir / SCORES_FILE, index=False
-    )
-    plot_roc(roc, report, out_dir / ROC_PLOT)
-    plot_score_histogram(scores, same, report.threshold, out_dir / HISTOGRAM_PLOT)
+    # Each file appears whole under its name; metrics.json comes last, so it never describes
+    # plots and tables that aren't there.
+    with atomic_path(out_dir / ROC_FILE) as temp:
+        roc.replace([np.inf], 1.0).to_csv(temp, index=False)
+    with atomic_path(out_dir / SCORES_FILE) as temp:
+        table = pairs.assign(score=scores)[["fold", "path1", "path2", "same", "score"]]
+        table.to_csv(temp, index=False)
+    with atomic_path(out_dir / ROC_PLOT) as temp:
+        plot_roc(roc, report, temp)
+    with atomic_path(out_dir / HISTOGRAM_PLOT) as temp:
+        plot_score_histogram(scores, same, report.threshold, temp)
+    write_json(out_dir / METRICS_FILE, asdict(report))
     logger.info(
         "%s: accuracy %.4f ± %.4f, AUC %.4f, EER %.4f over %d pairs",
         params.protocol,
@@ -272,7 +276,7 @@ def plot_roc(roc: pd.DataFrame, report: VerificationReport, path: Path) -> None:
     axis.set_title(f"{report.protocol}: AUC {report.auc:.4f}, acc {report.accuracy_mean:.4f}")
     axis.grid(True, which="both", alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path)
+    figure.savefig(path, format="png")
 
 
 def plot_score_histogram(scores: np.ndarray, same: np.ndarray, threshold: float, path: Path) -> None:
@@ -287,7 +291,7 @@ def plot_score_histogram(scores: np.ndarray, same: np.ndarray, threshold: float,
     axis.set_ylabel("pairs")
     axis.legend()
     figure.tight_layout()
-    figure.savefig(path)
+    figure.savefig(path, format="png")
 
 
 def _protocol_path(protocols_dir: Path, name: str) -> Path:

@@ -128,8 +128,3 @@ def _pinned(package: str) -> str:
         return f"{package}=={version(package)}"
     except PackageNotFoundError:
         return package
-
-
-def read_run_id(out_file: Path) -> str | None:
-    """The run id written by the last `log_pipeline_run`, if any."""
-    return read_json(out_file)["run_id"] if Path(out_file).exists() else None

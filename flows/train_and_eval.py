@@ -63,15 +63,16 @@ def train_and_eval(
             sync.commit(name)
 
     metrics = read_json(layout.reports / "metrics.json")
+    commit = _git_commit()
     if sync is None or not sync.up_to_date("track"):
-        tags = {"prefect.flow_run_id": flow_run.get_id() or "", "git_commit": _git_commit()}
+        tags = {"prefect.flow_run_id": flow_run.get_id() or "", "git_commit": commit}
         stages.track_run(params, layout, tags)
         if sync is not None:
             sync.commit("track")
     run_id = read_json(layout.reports / "mlflow_run.json")["run_id"]
     create_markdown_artifact(
         key="train-and-eval-metrics",
-        markdown=_metrics_table(metrics, run_id, _git_commit()),
+        markdown=_metrics_table(metrics, run_id, commit),
         description="LFW verification metrics of this run",
     )
     return metrics

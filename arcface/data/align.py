@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from arcface.config import AlignParams
@@ -291,14 +291,3 @@ def _decoded_batches(images_dir: Path, paths: Sequence[str], batch_size: int) ->
             batch = _Batch()
     if batch.seen:
         yield batch
-
-
-def draw_detection(image: np.ndarray, detection: Detection) -> Image.Image:
-    """The photo with the chosen box and landmarks drawn on it (for search output)."""
-    canvas = Image.fromarray(image)
-    if detection.landmarks is not None:
-        draw = ImageDraw.Draw(canvas)
-        draw.rectangle(detection.box, outline=(0, 255, 0), width=2)
-        for x, y in detection.landmarks:
-            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=(255, 0, 0))
-    return canvas
