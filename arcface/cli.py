@@ -114,7 +114,7 @@ def _search(args: argparse.Namespace) -> int:
 
 def expand_photos(items: Sequence[Path]) -> list[Path]:
     """Files as given; folders become their images (recursively, sorted)."""
-    from arcface.data.align import IMAGE_SUFFIXES
+    from arcface.data.images import IMAGE_SUFFIXES
 
     photos: list[Path] = []
     for item in items:

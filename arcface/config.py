@@ -62,10 +62,17 @@ class DownloadParams(_Section):
 
 
 class AlignParams(_Section):
-    batch_size: int = Field(32, ge=1, le=4096)
+    batch_size: int = Field(64, ge=1, le=4096)
     min_face_size: int = Field(20, ge=8, le=1000)
+    min_face_fraction: float = Field(0.3, ge=0, le=1)
     thresholds: tuple[float, float, float] = Field((0.6, 0.7, 0.7), strict=False)
-    factor: float = Field(0.709, gt=0.1, lt=1.0)
+    factor: float = Field(0.6, gt=0.1, lt=1.0)
+    choose: Literal["central", "largest", "confident"] = "central"
+    no_face: Literal["fallback", "drop"] = "fallback"
+    strict: bool = False
+    min_image_side: int = Field(32, ge=1)
+    max_image_pixels: int = Field(50_000_000, ge=1)
+    chunk_size: int = Field(1024, ge=1)
     device: Device = "auto"
 
 

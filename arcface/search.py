@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from arcface.config import AlignParams, EmbedParams
-from arcface.data.align import FaceAligner, load_rgb
+from arcface.data.align import FaceAligner
+from arcface.data.images import ImageReadError, load_rgb
 from arcface.device import autocast_dtype, resolve_device
 from arcface.embed import embed_faces
 from arcface.files import sha256_file
@@ -47,10 +48,11 @@ class FaceSearcher:
 
     def search(self, photo: Path, k: int) -> SearchResult:
         """The top-k identities for one photo; unreadable photos and photos without a face say why."""
+        limits = self.aligner.params
         try:
-            image = load_rgb(photo)
-        except Exception as err:  # a bad photo is an answer, not a crash of the whole batch
-            return SearchResult(photo, "error", f"unreadable image: {type(err).__name__}: {err}")
+            image = load_rgb(photo, limits.max_image_pixels, limits.min_image_side)
+        except ImageReadError as err:  # a bad photo is an answer, not a crash of the whole batch
+            return SearchResult(photo, "error", str(err))
         face, detection = self.aligner.align_one(image)
         if detection.status != "ok":
             return SearchResult(photo, "no_face", detection.reason)

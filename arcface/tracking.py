@@ -33,6 +33,7 @@ class RunInputs:
     history: Path  # train: per-epoch metrics
     metrics: Path  # evaluate: metrics.json
     checkpoint: Path
+    align_summary: Path  # align: counts by status, throughput, landmark residual
     artifacts: tuple[Path, ...]  # plots and tables to attach
 
 
@@ -52,6 +53,7 @@ def run_inputs(model_dir: Path, reports_dir: Path, aligned_dir: Path) -> RunInpu
         history=Path(model_dir) / train.HISTORY_FILE,
         metrics=Path(reports_dir) / evaluate.METRICS_FILE,
         checkpoint=Path(model_dir) / train.CHECKPOINT_FILE,
+        align_summary=Path(aligned_dir) / store.SUMMARY_FILE,
         artifacts=(
             Path(reports_dir) / evaluate.ROC_PLOT,
             Path(reports_dir) / evaluate.HISTOGRAM_PLOT,
@@ -95,7 +97,16 @@ def log_pipeline_run(
             {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
             | {f"fold_accuracy_{i}": a for i, a in enumerate(metrics.get("fold_accuracies", []))}
         )
-        for artifact in (inputs.metrics, *inputs.artifacts):
+        if inputs.align_summary.exists():
+            summary = read_json(inputs.align_summary)
+            mlflow.log_metrics(
+                {f"align_{status}": count for status, count in summary["counts"].items()}
+                | {
+                    "align_images_per_second": summary["images_per_second"],
+                    "align_mean_residual": summary["mean_residual"],
+                }
+            )
+        for artifact in (inputs.metrics, inputs.align_summary, *inputs.artifacts):
             if artifact.exists():
                 mlflow.log_artifact(str(artifact))
         if params.tracking.log_model:

@@ -62,7 +62,8 @@ def test_cli_stages_end_to_end_with_mlflow(
     assert run.data.metrics["accuracy_mean"] == pytest.approx(metrics["accuracy_mean"])
     assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1]
     artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"roc.png", "scores.png", "metrics.json", "contact_sheet.png"} <= artifacts
+    assert {"roc.png", "scores.png", "metrics.json", "contact_sheet.png", "summary.json"} <= artifacts
+    assert run.data.metrics["align_ok"] == 80 and run.data.metrics["align_mean_residual"] > 0
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert any(m.source_run_id == run_id for m in models)
     assert client.get_registered_model("arcface-backbone").latest_versions

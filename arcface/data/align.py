@@ -8,24 +8,25 @@ and search queries all go through `FaceAligner`, so every face the model sees is
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import time
-import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from arcface.config import AlignParams
 from arcface.data import store
+from arcface.data.images import decoded_batches, list_images
 from arcface.device import resolve_device
-from arcface.files import atomic_path
+from arcface.files import atomic_path, remove
 
 logger = logging.getLogger(__name__)
 
@@ -47,18 +48,21 @@ ARCFACE_TEMPLATE = np.array(
 FALLBACK_LANDMARKS = np.array(
     [[0.419, 0.454], [0.589, 0.449], [0.506, 0.552], [0.433, 0.635], [0.581, 0.632]]
 )
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# How far from the centre (in units of the image's shorter side) a face may sit before the `central`
+# rule discounts it by e^-1.
+CENTRAL_SPREAD = 0.25
 
 
 @dataclass(frozen=True)
 class Detection:
-    """The face chosen in one image: status `ok`, `fallback` (no face found) or `error` (unreadable)."""
+    """The face chosen in one image: status `ok`, `fallback` (no face found) or `error` (unusable)."""
 
     status: str
     reason: str = ""
     score: float = float("nan")
     box: tuple[float, float, float, float] = (float("nan"),) * 4
     landmarks: np.ndarray | None = None  # (5, 2) pixels in the source image
+    residual: float = float("nan")  # mean distance (template pixels) of warped landmarks to the template
 
 
 def similarity_transforms(landmarks: np.ndarray, template: np.ndarray = ARCFACE_TEMPLATE) -> np.ndarray:
@@ -112,28 +116,13 @@ def warp_faces(images: torch.Tensor, transforms: np.ndarray, size: int = FACE_SI
     return warped.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
-def load_rgb(path: Path) -> np.ndarray:
-    """Decode any PIL-readable image to (H, W, 3) uint8 RGB; raises with the reason if it can't."""
-    with warnings.catch_warnings():
-        # PIL warns before it refuses a decompression bomb; we want the refusal as an error.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as image:
-            image.load()  # decode now: truncated data fails here, not later
-            image = ImageOps.exif_transpose(image)
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-                # 16/32-bit greyscale: scale to 8 bits rather than clip everything to white.
-                values = np.asarray(image, dtype=np.float64)
-                top = values.max() or 1.0
-                image = Image.fromarray((values * (255.0 / top)).astype(np.uint8))
-            return np.asarray(image.convert("RGB"))
-
-
 class FaceAligner:
-    """MTCNN detection + landmark choice + similarity warp, for batches of same-size images."""
+    """MTCNN detection + face choice + similarity warp, for batches of same-size images."""
 
     def __init__(self, params: AlignParams) -> None:
         from facenet_pytorch import MTCNN  # heavy import, only when aligning
 
+        self.params = params
         self.device = resolve_device(params.device)
         self.detector = MTCNN(
             keep_all=True,
@@ -143,28 +132,53 @@ class FaceAligner:
             device=self.device,
         )
 
+    def min_face_size(self, height: int, width: int) -> int:
+        """Faces smaller than this are not searched for: a fraction of the shorter side, with a floor.
+
+        The image pyramid starts at the scale where this size becomes MTCNN's 12-pixel window, so a
+        larger minimum skips the largest (slowest) pyramid levels; dataset photos frame one big face.
+        """
+        return max(self.params.min_face_size, round(self.params.min_face_fraction * min(height, width)))
+
     def detect(self, images: np.ndarray) -> list[Detection]:
         """(B, H, W, 3) uint8 images of one size -> the chosen face of each (or a fallback)."""
+        height, width = images.shape[1:3]
+        self.detector.min_face_size = self.min_face_size(height, width)
         with torch.inference_mode():
             boxes, scores, landmarks = self.detector.detect(images, landmarks=True)
-        height, width = images.shape[1:3]
         return [
-            choose_face(b, s, lm, width, height) for b, s, lm in zip(boxes, scores, landmarks, strict=True)
+            choose_face(b, s, lm, width, height, self.params.choose, self.params.no_face)
+            for b, s, lm in zip(boxes, scores, landmarks, strict=True)
         ]
 
     def align(self, images: np.ndarray) -> tuple[np.ndarray, list[Detection]]:
-        """(B, H, W, 3) uint8 -> (B, 112, 112, 3) aligned faces and their detections."""
+        """(B, H, W, 3) uint8 -> (B, 112, 112, 3) aligned faces and their detections (with residuals)."""
         detections = self.detect(images)
         height, width = images.shape[1:3]
         points = np.stack([landmarks_or_fallback(d, width, height) for d in detections])
         transforms = similarity_transforms(points)
+        residuals = landmark_residuals(transforms, points)
+        detections = [
+            dataclasses.replace(d, residual=float(r)) if d.landmarks is not None else d
+            for d, r in zip(detections, residuals, strict=True)
+        ]
         batch = torch.from_numpy(np.require(images, requirements=["C", "W"])).to(self.device)
-        return warp_faces(batch, transforms).cpu().numpy(), detections
+        faces = warp_faces(batch, transforms).cpu().numpy()
+        for row, detection in enumerate(detections):
+            if detection.status == "error":
+                faces[row] = 0  # a dropped image keeps its row, black, like an unreadable one
+        return faces, detections
 
     def align_one(self, image: np.ndarray) -> tuple[np.ndarray, Detection]:
         """One photo of any size (a search query) -> its aligned face and detection."""
         faces, detections = self.align(image[None])
         return faces[0], detections[0]
+
+
+def landmark_residuals(transforms: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    """(N,) mean distance, in 112×112 template pixels, between warped landmarks and the template."""
+    warped = apply_transforms(transforms, landmarks)
+    return np.linalg.norm(warped - ARCFACE_TEMPLATE, axis=2).mean(axis=1)
 
 
 def choose_face(
@@ -173,22 +187,41 @@ def choose_face(
     landmarks: np.ndarray | None,
     width: int,
     height: int,
+    rule: str = "central",
+    no_face: str = "fallback",
 ) -> Detection:
-    """Of the faces MTCNN found, the one nearest the image centre (LFW centres the named person)."""
+    """The face the photo is about, of those MTCNN found.
+
+    `central` (for datasets like LFW, which centre the named person): the detector score × the face's
+    size × a Gaussian fall-off with the distance from the image centre; `largest`; `confident`.
+    """
     if boxes is None or len(boxes) == 0:
+        if no_face == "drop":
+            return Detection(status="error", reason="no face found (dropped: align.no_face = drop)")
         return Detection(status="fallback", reason="no face found")
     boxes = np.asarray(boxes, dtype=np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
+    side = min(width, height)
+    size = np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])) / side
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2
-    distance = np.hypot(centres[:, 0] - width / 2, centres[:, 1] - height / 2)
-    best = int(np.argmin(distance))
-    reason = f"{len(boxes)} faces, kept the most central" if len(boxes) > 1 else ""
+    offset = np.hypot(centres[:, 0] - width / 2, centres[:, 1] - height / 2) / side
+    weights = {
+        "central": scores * size * np.exp(-((offset / CENTRAL_SPREAD) ** 2)),
+        "largest": size,
+        "confident": scores,
+    }[rule]
+    best = int(np.argmax(weights))
+    reason = f"{len(boxes)} faces, kept the {_RULE_WORDS[rule]}" if len(boxes) > 1 else ""
     return Detection(
         status="ok",
         reason=reason,
-        score=float(np.asarray(scores, dtype=np.float64)[best]),
+        score=float(scores[best]),
         box=tuple(float(v) for v in boxes[best]),
         landmarks=np.asarray(landmarks[best], dtype=np.float64),
     )
+
+
+_RULE_WORDS = {"central": "most central", "largest": "largest", "confident": "most confident"}
 
 
 def landmarks_or_fallback(detection: Detection, width: int, height: int) -> np.ndarray:
@@ -198,14 +231,8 @@ def landmarks_or_fallback(detection: Detection, width: int, height: int) -> np.n
     return FALLBACK_LANDMARKS * np.array([width, height])
 
 
-def list_images(images_dir: Path) -> pd.DataFrame:
-    """`<identity>/<file>` images under `images_dir`, sorted, as columns path and identity."""
-    paths = sorted(
-        p.relative_to(images_dir).as_posix()
-        for p in images_dir.glob("*/*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-    )
-    return pd.DataFrame({"path": paths, "identity": [p.split("/")[0] for p in paths]})
+class AlignError(RuntimeError):
+    """With `align.strict`, images that could not be aligned; the message lists them."""
 
 
 @dataclass(frozen=True)
@@ -213,81 +240,119 @@ class AlignResult:
     out_dir: Path
     images: int
     counts: dict[str, int]  # status -> rows
-    images_per_second: float
+    images_per_second: float  # of the images aligned by this run (resumed chunks excluded)
+    mean_residual: float
+    resumed_chunks: int
 
 
 def run(params: AlignParams, images_dir: Path, out_dir: Path) -> AlignResult:
-    """Align every image under `images_dir` into an aligned store at `out_dir`."""
+    """Align every image under `images_dir` into an aligned store at `out_dir`.
+
+    Work is done in chunks of `params.chunk_size` images, each saved next to `out_dir` as it finishes;
+    an interrupted run resumes from the chunks already done (same images, same params).
+    """
     images_dir, out_dir = Path(images_dir), Path(out_dir)
     listing = list_images(images_dir)
     if listing.empty:
-        raise FileNotFoundError(f"{images_dir}: no images (*.jpg, *.jpeg, *.png) in person folders")
-    aligner = FaceAligner(params)
-    started = time.perf_counter()
+        raise FileNotFoundError(f"{images_dir}: no images in person folders (<Person>/<image>)")
+    chunks = store.ChunkCache(out_dir, _work_key(params, images_dir, listing))
+    aligner: FaceAligner | None = None
+    started, aligned_now, resumed = time.perf_counter(), 0, 0
+    progress = tqdm(total=len(listing), desc="align", unit="img", disable=None)
+    for index, start in enumerate(range(0, len(listing), params.chunk_size)):
+        part = listing.iloc[start : start + params.chunk_size]
+        if chunks.done(index):
+            resumed += 1
+            progress.update(len(part))
+            continue
+        aligner = aligner or FaceAligner(params)
+        faces, detections = _align_chunk(aligner, params, images_dir, part, progress)
+        chunks.save(index, faces, store.build_manifest(part, detections))
+        aligned_now += len(part)
+    progress.close()
+    elapsed = time.perf_counter() - started
+    manifest = chunks.manifest()
+    _check_strict(params, images_dir, manifest)
+    summary = store.summarize(manifest, aligned_now / elapsed if aligned_now else float("nan"))
     with atomic_path(out_dir, directory=True) as temp:
-        faces = store.create_faces(temp, len(listing))
-        detections: list[Detection] = [Detection(status="error")] * len(listing)
-        progress = tqdm(total=len(listing), desc="align", unit="img", disable=None)
-        for batch in _decoded_batches(images_dir, listing["path"], params.batch_size):
-            for row, error in batch.errors.items():
-                detections[row] = Detection(status="error", reason=error)
-            if batch.rows:
-                aligned, found = aligner.align(np.stack(batch.images))
-                faces[batch.rows] = aligned
-                for row, detection in zip(batch.rows, found, strict=True):
-                    detections[row] = detection
-            progress.update(batch.seen)
-        progress.close()
-        faces.flush()
-        del faces
-        manifest = store.build_manifest(listing, detections)
+        chunks.assemble(temp)
         store.write_manifest(temp, manifest)
         store.write_contact_sheet(temp, manifest)
-    elapsed = time.perf_counter() - started
-    counts = manifest["status"].value_counts().to_dict()
-    result = AlignResult(out_dir, len(listing), counts, len(listing) / max(elapsed, 1e-9))
-    logger.info(
-        "aligned %d images in %.1fs (%.1f img/s): %s",
+        store.write_summary(temp, {**summary, "resumed_chunks": resumed, "params": params.model_dump()})
+    chunks.clear()
+    result = AlignResult(
+        out_dir,
         len(listing),
-        elapsed,
-        result.images_per_second,
-        ", ".join(f"{k}={v}" for k, v in sorted(counts.items())),
+        summary["counts"],
+        summary["images_per_second"],
+        summary["mean_residual"],
+        resumed,
     )
-    for row in manifest[manifest["status"] == "error"].itertuples():
-        logger.warning("%s: %s", images_dir / row.path, row.reason)
+    _log_result(result, images_dir, manifest)
     return result
 
 
-@dataclass
-class _Batch:
-    """Consecutive rows: the decoded images (all one size) and the rows that failed to decode."""
+def _align_chunk(
+    aligner: FaceAligner, params: AlignParams, images_dir: Path, part: pd.DataFrame, progress: tqdm
+) -> tuple[np.ndarray, list[Detection]]:
+    """Align one chunk of the listing; rows are positions within the chunk."""
+    faces = np.zeros((len(part), *store.FACE_SHAPE), dtype=np.uint8)
+    detections = [Detection(status="error")] * len(part)
+    batches = decoded_batches(
+        images_dir,
+        part["path"].tolist(),
+        range(len(part)),
+        params.batch_size,
+        params.max_image_pixels,
+        params.min_image_side,
+    )
+    for batch in batches:
+        for row, error in batch.errors.items():
+            detections[row] = Detection(status="error", reason=error)
+        if batch.rows:
+            aligned, found = aligner.align(np.stack(batch.images))
+            faces[batch.rows] = aligned
+            for row, detection in zip(batch.rows, found, strict=True):
+                detections[row] = detection
+        progress.update(batch.seen)
+    return faces, detections
 
-    seen: int = 0
-    rows: list[int] = field(default_factory=list)
-    images: list[np.ndarray] = field(default_factory=list)
-    errors: dict[int, str] = field(default_factory=dict)
 
-    def fits(self, image: np.ndarray) -> bool:
-        return not self.images or image.shape == self.images[0].shape
+def _work_key(params: AlignParams, images_dir: Path, listing: pd.DataFrame) -> str:
+    """Finished chunks are reused only for the same images (path, size, mtime) and the same params."""
+    digest = hashlib.sha256()
+    relevant = params.model_dump(exclude={"strict", "batch_size", "device"})
+    digest.update(json.dumps(relevant, sort_keys=True).encode())
+    for relative in listing["path"]:
+        stat = (images_dir / relative).stat()
+        digest.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
-def _decoded_batches(images_dir: Path, paths: Sequence[str], batch_size: int) -> Iterator[_Batch]:
-    """Decode images in order into batches of at most `batch_size` rows; a new size starts a new batch."""
-    batch = _Batch()
-    for row, relative in enumerate(paths):
-        try:
-            image = load_rgb(images_dir / relative)
-        except Exception as err:  # any decoder failure becomes a manifest row, never a crash
-            batch.errors[row] = f"unreadable image: {type(err).__name__}: {err}"
-        else:
-            if not batch.fits(image):
-                yield batch
-                batch = _Batch()
-            batch.rows.append(row)
-            batch.images.append(image)
-        batch.seen += 1
-        if batch.seen >= batch_size:
-            yield batch
-            batch = _Batch()
-    if batch.seen:
-        yield batch
+def _check_strict(params: AlignParams, images_dir: Path, manifest: pd.DataFrame) -> None:
+    if not params.strict:
+        return
+    failed = manifest[manifest["status"] != "ok"]
+    if len(failed):
+        lines = [f"{images_dir / r.path}: {r.status}: {r.reason}" for r in failed.head(50).itertuples()]
+        more = f"\n  ... and {len(failed) - 50} more" if len(failed) > 50 else ""
+        raise AlignError(
+            f"align.strict: {len(failed)} of {len(manifest)} images were not aligned cleanly "
+            f"(finished chunks are kept, so a rerun resumes):\n  " + "\n  ".join(lines) + more
+        )
+
+
+def _log_result(result: AlignResult, images_dir: Path, manifest: pd.DataFrame) -> None:
+    logger.info(
+        "aligned %d images (%s), %.1f img/s, mean landmark residual %.2f px%s",
+        result.images,
+        ", ".join(f"{k} {v}" for k, v in result.counts.items()),
+        result.images_per_second,
+        result.mean_residual,
+        f", {result.resumed_chunks} chunk(s) resumed" if result.resumed_chunks else "",
+    )
+    problems = manifest[manifest["status"] != "ok"]
+    for row in problems.head(20).itertuples():
+        logger.warning("%s: %s: %s", images_dir / row.path, row.status, row.reason)
+    if len(problems) > 20:
+        logger.warning("... %d more; the manifest and contact sheet list them all", len(problems) - 20)
