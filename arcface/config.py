@@ -73,6 +73,7 @@ class AlignParams(_Section):
     min_image_side: int = Field(32, ge=1)
     max_image_pixels: int = Field(50_000_000, ge=1)
     chunk_size: int = Field(1024, ge=1)
+    amp: Literal["auto", "bf16", "off"] = "auto"
     device: Device = "auto"
 
 

@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     paths = pick(args.images, args.count)
+    import facenet_pytorch  # noqa: F401 - imported once up front, so neither side pays for it
+
     with tempfile.TemporaryDirectory() as scratch:
         base_dir, stage_dir = Path(scratch) / "baseline", Path(scratch) / "stage"
         base_dir.mkdir()

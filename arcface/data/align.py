@@ -20,12 +20,13 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from arcface.config import AlignParams
 from arcface.data import store
 from arcface.data.images import decoded_batches, list_images
-from arcface.device import resolve_device
+from arcface.device import autocast_dtype, resolve_device
 from arcface.files import atomic_path, remove
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,9 @@ class FaceAligner:
             factor=params.factor,
             device=self.device,
         )
+        dtype = autocast_dtype(params.amp, self.device)
+        if dtype is not None:
+            self.detector.onet = MixedPrecisionONet(self.detector.onet, dtype)
 
     def min_face_size(self, height: int, width: int) -> int:
         """Faces smaller than this are not searched for: a fraction of the shorter side, with a floor.
@@ -173,6 +177,33 @@ class FaceAligner:
         """One photo of any size (a search query) -> its aligned face and detection."""
         faces, detections = self.align(image[None])
         return faces[0], detections[0]
+
+
+class MixedPrecisionONet(nn.Module):
+    """MTCNN's last stage with its convolutions in bf16 and its output layers in float32.
+
+    The O-net's convolutions and pools are over half of the detection time on a CPU, and bf16 halves
+    them (measured: 143 -> 243 img/s on LFW); keeping the dense layers in float32 keeps the landmarks
+    within 0.1 px of the float32 network's (autocasting them too moves them by 1-5 px).
+    """
+
+    def __init__(self, onet: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.onet = onet.to(memory_format=torch.channels_last)
+        self.dtype = dtype
+
+    def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        o = self.onet
+        x = crops.contiguous(memory_format=torch.channels_last)  # (N, 3, 48, 48)
+        with torch.autocast(device_type=crops.device.type, dtype=self.dtype):
+            x = o.pool1(o.prelu1(o.conv1(x)))
+            x = o.pool2(o.prelu2(o.conv2(x)))
+            x = o.pool3(o.prelu3(o.conv3(x)))
+            x = o.prelu4(o.conv4(x))  # (N, 128, 3, 3)
+        # The same (N, C, W, H) flattening order as facenet-pytorch's ONet.forward.
+        x = x.float().permute(0, 3, 2, 1).contiguous().flatten(1)
+        x = o.prelu5(o.dense5(x))
+        return o.dense6_2(x), o.dense6_3(x), o.softmax6_1(o.dense6_1(x))  # boxes, landmarks, scores
 
 
 def landmark_residuals(transforms: np.ndarray, landmarks: np.ndarray) -> np.ndarray:

@@ -42,12 +42,12 @@ def load_rgb(path: Path, max_pixels: int = 50_000_000, min_side: int = 1) -> np.
                 width, height = image.size
                 if width * height > max_pixels:
                     raise ImageReadError(
-                        f"image too large: {width}×{height} = {width * height:,} pixels "
+                        f"image too large: {width}x{height} = {width * height:,} pixels "
                         f"(align.max_image_pixels = {max_pixels:,})"
                     )
                 if min(width, height) < min_side:
                     raise ImageReadError(
-                        f"image too small: {width}×{height} (align.min_image_side = {min_side})"
+                        f"image too small: {width}x{height} (align.min_image_side = {min_side})"
                     )
                 image.load()  # decode now: truncated data fails here, not later
                 return _to_rgb(ImageOps.exif_transpose(image))
