@@ -38,6 +38,18 @@ def _align(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import(args: argparse.Namespace) -> int:
+    from arcface.data.external import import_faces
+
+    result = import_faces(args.source, args.out, args.limit)
+    print(
+        f"{result.faces} faces of {result.identities} identities in {result.out_dir} "
+        f"({result.resized} resized, {result.errors} unreadable); train on them with "
+        f"`arcface train --aligned {result.out_dir}`"
+    )
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from arcface import evaluate, train
 
@@ -186,6 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("align", _align, "detect 5 landmarks with MTCNN and warp faces to 112×112")
     path(sub, "--images", LAYOUT.images, "folder of <Person>/<image> photos")
     path(sub, "--out", LAYOUT.aligned, "aligned store folder")
+
+    sub = command(
+        "import", _import, "convert a RecordIO set (train.rec) or a folder of aligned faces into a store"
+    )
+    sub.add_argument(
+        "source", type=Path, help="train.rec (with train.idx beside it) or <identity>/<image> folder"
+    )
+    sub.add_argument("--limit", type=int, default=None, help="import only the first N faces")
+    path(sub, "--out", Path("data/external"), "aligned store folder")
 
     sub = command("train", _train, "train the backbone on identities the evaluation doesn't score")
     path(sub, "--aligned", LAYOUT.aligned, "aligned store")

@@ -20,7 +20,7 @@ DEFAULT_PARAMS_PATH = Path("params.yaml")
 Device = Literal["auto", "cpu", "cuda"]
 # Kept in step with arcface.models.backbones.BACKBONES (a test checks they agree); listing the names
 # here keeps loading params free of a torch import.
-BackboneName = Literal["resnet34", "resnet50"]
+BackboneName = Literal["resnet34", "resnet50", "iresnet18", "iresnet34", "iresnet50", "iresnet100"]
 
 
 class ParamsError(ValueError):
@@ -80,20 +80,29 @@ class AlignParams(_Section):
 class TrainParams(_Section):
     backbone: BackboneName = "resnet34"
     embedding_size: int = Field(512, ge=2, le=4096)
-    loss: Literal["softmax", "arcface"] = "arcface"
+    loss: Literal["softmax", "arcface", "cosface", "combined"] = "arcface"
     scale: float = Field(64.0, gt=0, le=256)
-    margin: float = Field(0.5, ge=0, lt=1.5)  # additive angular margin m (radians), arcface only
+    margin: float = Field(0.5, ge=0, lt=1.5)  # arcface: m2 (radians); cosface: m3
+    combined_margins: tuple[float, float, float] = Field((1.0, 0.3, 0.2), strict=False)  # m1, m2, m3
     epochs: int = Field(10, ge=1, le=1000)
-    batch_size: int = Field(64, ge=2, le=8192)
+    batch_size: int = Field(64, ge=2, le=65536)  # images per optimizer step, all processes together
+    accumulate: int = Field(1, ge=1, le=1024)  # micro-batches per step in each process
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.1, gt=0, le=10)
-    momentum: float = Field(0.9, ge=0, lt=1)
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd momentum; adamw's beta1
     weight_decay: float = Field(5e-4, ge=0, le=1)
+    schedule: Literal["cosine", "poly"] = "cosine"
+    poly_power: float = Field(2.0, gt=0, le=10)
     warmup_epochs: float = Field(1.0, ge=0)
+    clip_grad_norm: float = Field(0.0, ge=0)  # 0: off
     dropout: float = Field(0.0, ge=0, lt=1)
+    flip: bool = True  # random horizontal flips
     min_images_per_identity: int = Field(2, ge=1, le=1000)
-    amp: Literal["auto", "bf16", "off"] = "auto"
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    compile: bool = False
+    init_checkpoint: str | None = None  # backbone weights to start from (ours or a plain state_dict)
+    resume: bool = True  # continue an interrupted run of the same data and params
     device: Device = "auto"
-    num_workers: int = Field(0, ge=0, le=64)
 
 
 class EmbedParams(_Section):

@@ -26,11 +26,13 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """`auto`: bf16 where the hardware runs it fast, else full precision; `bf16`: always; `off`: never."""
+    """`auto`: bf16 where the hardware runs it fast, else full precision; `bf16`/`fp16`: always; `off`."""
     if amp == "off":
         return None
     if amp == "bf16":
         return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     return torch.bfloat16 if cpu_has_fast_bf16() else None

@@ -2,14 +2,15 @@
 
 With θ the angle between an embedding and its class centre, the target-class logit becomes
 
-    s · (cos(m1·θ + m2) − m3)        ArcFace: m2 > 0;  CosFace: m3 > 0;  SphereFace-like: m1 > 1
+    s · (cos(m1·θ + m2) − m3)        ArcFace: m2 > 0;  CosFace: m3 > 0;  combined: any of the three
 
 and every other logit stays s · cos θ_j. With m1 = 1, m2 = m3 = 0 this is exactly the naive loss
 (softmax over s·cos θ with normalized features and weights), which the tests check.
 
-Why the special case: cos(θ + m2) stops decreasing once θ + m2 passes π, so a badly classified sample
-(θ near π) would be *rewarded* for moving further away. Beyond that point we use the CosFace-style
-penalty cos θ − m2·sin(m2) (as insightface does), which keeps the target logit decreasing in θ.
+Past π: cos(m1·θ + m2) stops decreasing once m1·θ + m2 passes π, so a badly classified sample would be
+*rewarded* for moving further from its centre. From θ* = (π − m2) / m1 on we continue with
+cos θ − cos θ* − 1 − m3: it equals the margin curve at θ* (no jump) and keeps falling as θ grows.
+(insightface uses cos θ − m·sin m there, which also falls but jumps down at θ*.)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 
 # acos has an infinite slope at ±1; clamping just inside keeps gradients finite (no NaN at cos = ±1).
 _COS_LIMIT = 1.0 - 1e-6
+LOSSES = ("softmax", "arcface", "cosface", "combined")
 
 
 class MarginSoftmaxLoss(nn.Module):
@@ -29,36 +31,48 @@ class MarginSoftmaxLoss(nn.Module):
 
     def __init__(self, scale: float, m1: float = 1.0, m2: float = 0.0, m3: float = 0.0) -> None:
         super().__init__()
-        if scale <= 0:
-            raise ValueError(f"scale must be positive, got {scale}")
+        if scale <= 0 or m1 <= 0:
+            raise ValueError(f"scale and m1 must be positive, got scale={scale}, m1={m1}")
         self.scale, self.m1, self.m2, self.m3 = scale, m1, m2, m3
 
     @property
     def has_margin(self) -> bool:
         return self.m1 != 1.0 or self.m2 != 0.0 or self.m3 != 0.0
 
+    def target_logit(self, cosine: torch.Tensor) -> torch.Tensor:
+        """cos θ of target classes -> the penalized cosine (before scaling), elementwise."""
+        if self.m1 == 1.0 and self.m2 == 0.0:
+            return cosine - self.m3  # CosFace: no angle needed
+        theta = torch.acos(cosine.clamp(-_COS_LIMIT, _COS_LIMIT))
+        angle = self.m1 * theta + self.m2
+        limit = (math.pi - self.m2) / self.m1  # θ*: where the margin angle reaches π
+        beyond = cosine - math.cos(limit) - 1.0 - self.m3
+        return torch.where(angle <= math.pi, torch.cos(angle) - self.m3, beyond)
+
     def logits(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(B, C) cosines, (B,) class ids -> (B, C) scaled logits with the margin on the target."""
         if not self.has_margin:
             return self.scale * cosine
         target = cosine.gather(1, labels[:, None])  # (B, 1)
-        theta = torch.acos(target.clamp(-_COS_LIMIT, _COS_LIMIT))
-        angle = self.m1 * theta + self.m2
-        penalized = torch.where(
-            angle <= math.pi,
-            torch.cos(angle) - self.m3,
-            target - self.m3 - self.m2 * math.sin(self.m2),  # past π: keep decreasing in θ
-        )
-        return self.scale * cosine.scatter(1, labels[:, None], penalized)
+        return self.scale * cosine.scatter(1, labels[:, None], self.target_logit(target))
 
     def forward(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.logits(cosine.float(), labels), labels)
+        # At least float32 (bf16 cosines would blur the margin); float64 stays float64.
+        precise = cosine.to(torch.promote_types(cosine.dtype, torch.float32))
+        return F.cross_entropy(self.logits(precise, labels), labels)
 
 
-def build_loss(name: str, scale: float, margin: float) -> MarginSoftmaxLoss:
-    """`softmax` (no margin) or `arcface` (additive angular margin m2 = margin)."""
+def build_loss(
+    name: str, scale: float, margin: float, combined: tuple[float, float, float] = (1.0, 0.3, 0.2)
+) -> MarginSoftmaxLoss:
+    """`softmax` (no margin), `arcface` (m2 = margin), `cosface` (m3 = margin), `combined` (m1, m2, m3)."""
     if name == "softmax":
         return MarginSoftmaxLoss(scale)
     if name == "arcface":
         return MarginSoftmaxLoss(scale, m2=margin)
-    raise ValueError(f"unknown loss {name!r} (known: softmax, arcface)")
+    if name == "cosface":
+        return MarginSoftmaxLoss(scale, m3=margin)
+    if name == "combined":
+        m1, m2, m3 = combined
+        return MarginSoftmaxLoss(scale, m1=m1, m2=m2, m3=m3)
+    raise ValueError(f"unknown loss {name!r} (known: {', '.join(LOSSES)})")

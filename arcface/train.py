@@ -1,16 +1,21 @@
-"""Training: `train_one_epoch`, `fit`, checkpoints, and the train stage's `run`.
+"""Training: `train_one_epoch`, `fit`, checkpoints and resume, and the train stage's `run`.
 
-The model is a backbone (embeddings) plus a normalized classifier head used only for the loss. Each epoch
-writes a checkpoint holding everything needed to continue (model, head, optimizer, scheduler, epoch,
-params, class names, history).
+The model is a backbone (embeddings) plus a normalized classifier head used only for the loss. After each
+epoch a checkpoint holds everything needed to continue exactly (model, head, optimizer, scheduler, loss
+scaler, RNG state, epoch, params, class names, history); an interrupted run of the same data and params
+resumes from it. Launched by `torchrun --nproc_per_node=N`, training runs DistributedDataParallel (NCCL on
+GPUs, gloo on CPUs); only rank 0 writes files and logs progress.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
@@ -25,7 +31,7 @@ from arcface.config import Params, TrainParams
 from arcface.data import store
 from arcface.data.datasets import DeviceBatches, TrainingSplit, training_split
 from arcface.device import autocast, autocast_dtype, resolve_device
-from arcface.files import atomic_path, write_json
+from arcface.files import atomic_path, remove, write_json
 from arcface.losses import MarginSoftmaxLoss, build_loss
 from arcface.models.backbones import build_backbone
 from arcface.models.heads import NormalizedLinear
@@ -48,83 +54,167 @@ class EpochStats:
     loss: float
     accuracy: float  # share of training faces whose nearest class centre is their own
     lr: float  # at the end of the epoch
-    images_per_second: float
+    images_per_second: float  # all processes together
     seconds: float
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun job (world 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @staticmethod
+    def from_environment(device_type: str) -> Distributed:
+        """Join the process group torchrun describes in WORLD_SIZE/RANK/LOCAL_RANK, if any."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return Distributed()
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device_type == "cuda":
+            torch.cuda.set_device(local_rank)
+        return Distributed(dist.get_rank(), world, local_rank)
+
+    def sum(self, *values: float) -> list[float]:
+        """Sum numbers over all processes."""
+        if self.world == 1:
+            return list(values)
+        total = torch.tensor(values, dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            total = total.cuda()
+        dist.all_reduce(total)
+        return total.cpu().tolist()
+
+
+class FaceClassifier(nn.Module):
+    """Backbone + normalized head: images -> cosines to every class centre. One module so that
+    DistributedDataParallel synchronizes the gradients of both."""
+
+    def __init__(self, backbone: nn.Module, head: NormalizedLinear, amp: torch.dtype | None) -> None:
+        super().__init__()
+        self.backbone, self.head, self.amp = backbone, head, amp
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with autocast(images.device, self.amp):
+            embeddings = self.backbone(images)  # (B, D)
+        return self.head(embeddings)  # (B, C) in float32: the margins need the precision
 
 
 @dataclass
 class TrainingState:
     """What `fit` updates and a checkpoint restores."""
 
-    model: nn.Module
+    backbone: nn.Module
     head: NormalizedLinear
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
     history: list[EpochStats]
+
+    @property
+    def epoch(self) -> int:
+        return len(self.history)
 
 
 def build_state(params: TrainParams, num_classes: int, steps_per_epoch: int, seed: int) -> TrainingState:
-    """Fresh model, head, SGD (no weight decay on BN and biases) and warm-up + cosine schedule."""
+    """Fresh backbone and head, the optimizer (no weight decay on BN and biases) and the schedule."""
     torch.manual_seed(seed)
-    model = build_backbone(params.backbone, params.embedding_size, params.dropout)
+    backbone = build_backbone(params.backbone, params.embedding_size, params.dropout)
+    if params.init_checkpoint:
+        load_backbone_weights(backbone, Path(params.init_checkpoint))
     head = NormalizedLinear(params.embedding_size, num_classes)
     decay, no_decay = [], []
-    for module in (model, head):
+    for module in (backbone, head):
         for parameter in module.parameters():
             # BN weights/biases and biases (1-d) are not regularized: decaying them only hurts.
             (no_decay if parameter.ndim <= 1 else decay).append(parameter)
-    optimizer = torch.optim.SGD(
-        [
-            {"params": decay, "weight_decay": params.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=params.lr,
-        momentum=params.momentum,
-    )
+    groups = [
+        {"params": decay, "weight_decay": params.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if params.optimizer == "adamw":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+            groups, lr=params.lr, betas=(params.momentum, 0.999)
+        )
+    else:
+        optimizer = torch.optim.SGD(groups, lr=params.lr, momentum=params.momentum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(params, steps_per_epoch))
+    # Loss scaling keeps small fp16 gradients from flushing to zero; bf16 has float32's range.
+    scaler = torch.amp.GradScaler(resolve_device(params.device).type, enabled=params.amp == "fp16")
+    return TrainingState(backbone, head, optimizer, scheduler, scaler, history=[])
+
+
+def lr_factor(params: TrainParams, steps_per_epoch: int) -> Callable[[int], float]:
+    """Per-step multiplier of the base lr: linear warm-up, then cosine or polynomial decay to 0."""
     total = params.epochs * steps_per_epoch
     warmup = min(int(params.warmup_epochs * steps_per_epoch), total - 1)
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        progress = min((step - warmup) / max(1, total - warmup), 1.0)
+        if params.schedule == "poly":
+            return (1.0 - progress) ** params.poly_power
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    return TrainingState(model, head, optimizer, scheduler, history=[])
+    return factor
 
 
 def train_one_epoch(
     state: TrainingState,
+    model: nn.Module,
     loss_fn: MarginSoftmaxLoss,
     batches: DeviceBatches,
     epoch: int,
-    amp: torch.dtype | None,
+    params: TrainParams,
+    distributed: Distributed,
 ) -> EpochStats:
     """One pass over `batches`; raises TrainingDivergedError on a non-finite loss."""
-    state.model.train()
+    model.train()
     started = time.perf_counter()
     total_loss, correct, seen = 0.0, 0, 0
-    progress = tqdm(batches.epoch(epoch), total=len(batches), desc=f"epoch {epoch}", disable=None)
-    for images, labels in progress:
-        with autocast(batches.device, amp):
-            embeddings = state.model(images)  # (B, D)
-        cosine = state.head(embeddings)  # (B, C), float32
-        loss = loss_fn(cosine, labels)
-        if not torch.isfinite(loss):
-            raise TrainingDivergedError(
-                f"loss became {loss.item()} at epoch {epoch}, step {seen // batches.batch_size}; "
-                "lower train.lr or raise train.warmup_epochs"
-            )
+    steps = tqdm(
+        batches.epoch(epoch),
+        total=len(batches),
+        desc=f"epoch {epoch}",
+        disable=None if distributed.main else True,
+    )
+    parameters = [p for group in state.optimizer.param_groups for p in group["params"]]
+    for step, micro_batches in enumerate(steps):
         state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        state.optimizer.step()
+        for index, (images, labels) in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            # Gradients are averaged across processes once per step, on the last micro-batch.
+            sync = model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()
+            with sync:
+                cosine = model(images)  # (b, C)
+                loss = loss_fn(cosine, labels)
+                if not torch.isfinite(loss):
+                    raise TrainingDivergedError(
+                        f"loss became {loss.item()} at epoch {epoch}, step {step}; "
+                        "lower train.lr, raise train.warmup_epochs or set train.clip_grad_norm"
+                    )
+                state.scaler.scale(loss / len(micro_batches)).backward()
+            total_loss += loss.item() * len(labels)
+            correct += int((cosine.argmax(1) == labels).sum())
+            seen += len(labels)
+        if params.clip_grad_norm > 0:
+            state.scaler.unscale_(state.optimizer)
+            torch.nn.utils.clip_grad_norm_(parameters, params.clip_grad_norm)
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
         state.scheduler.step()
-        total_loss += loss.item() * len(labels)
-        correct += int((cosine.argmax(1) == labels).sum())
-        seen += len(labels)
-        progress.set_postfix(loss=f"{total_loss / seen:.3f}")
+        steps.set_postfix(loss=f"{total_loss / seen:.3f}")
     seconds = time.perf_counter() - started
+    total_loss, correct, seen = distributed.sum(total_loss, correct, seen)
     return EpochStats(
         epoch=epoch,
         loss=total_loss / seen,
@@ -144,61 +234,119 @@ def fit(
     checkpoint: Path | None = None,
     extra: dict[str, Any] | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    distributed: Distributed | None = None,
 ) -> TrainingState:
-    """Train for `params.epochs` epochs on (N, 112, 112, 3) uint8 faces with labels in [0, num_classes)."""
+    """Train on (N, 112, 112, 3) uint8 faces with labels in [0, num_classes) for `params.epochs` epochs.
+
+    With `checkpoint`, the state is saved there after every epoch, and if it already holds an earlier
+    epoch of this run (and `params.resume`), training continues from it.
+    """
+    distributed = distributed or Distributed()
     device = resolve_device(params.device)
-    amp = autocast_dtype(params.amp, device)
-    batches = DeviceBatches(faces, labels, params.batch_size, device, seed)
-    state = build_state(params, num_classes, len(batches), seed)
-    state.model.to(device, memory_format=torch.channels_last)
-    state.head.to(device)
-    loss_fn = build_loss(params.loss, params.scale, params.margin)
-    logger.info(
-        "training %s on %d faces of %d classes, %s loss, %d epochs on %s (autocast: %s)",
-        params.backbone,
-        len(faces),
-        num_classes,
-        params.loss,
-        params.epochs,
+    if device.type == "cuda" and distributed.world > 1:
+        device = torch.device("cuda", distributed.local_rank)
+    batches = DeviceBatches(
+        faces,
+        labels,
+        params.batch_size,
         device,
-        amp or "off",
+        seed,
+        flip=params.flip,
+        world=distributed.world,
+        rank=distributed.rank,
+        accumulate=params.accumulate,
     )
-    for epoch in range(1, params.epochs + 1):
-        stats = train_one_epoch(state, loss_fn, batches, epoch, amp)
-        state.history.append(stats)
+    state = build_state(params, num_classes, len(batches), seed)
+    if checkpoint is not None and params.resume and checkpoint.exists():
+        payload = load_checkpoint(checkpoint)
+        if _run_settings(payload["train_params"]) == _run_settings(params.model_dump(mode="json")):
+            restore(state, payload)
+            logger.info("resuming from %s after epoch %d", checkpoint, state.epoch)
+        else:
+            logger.warning("%s was written with other train params; starting afresh", checkpoint)
+    state.backbone.to(device, memory_format=torch.channels_last)
+    state.head.to(device)
+    _move_optimizer_state(state.optimizer, device)
+    amp = autocast_dtype(params.amp, device)
+    backbone = torch.compile(state.backbone) if params.compile else state.backbone
+    model: nn.Module = FaceClassifier(backbone, state.head, amp)
+    if distributed.world > 1:
+        ids = [distributed.local_rank] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    loss_fn = build_loss(params.loss, params.scale, params.margin, params.combined_margins)
+    if distributed.main:
         logger.info(
-            "epoch %d/%d: loss %.4f, train accuracy %.3f, lr %.4g, %.1f img/s",
-            epoch,
+            "training %s on %d faces of %d classes: %s loss, %d epochs, batch %d, on %s × %d (autocast: %s)",
+            params.backbone,
+            len(faces),
+            num_classes,
+            params.loss,
             params.epochs,
-            stats.loss,
-            stats.accuracy,
-            stats.lr,
-            stats.images_per_second,
+            params.batch_size,
+            device,
+            distributed.world,
+            amp or "off",
         )
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, state, params, epoch, extra or {})
-        if on_epoch is not None:
-            on_epoch(stats)
+    for epoch in range(state.epoch + 1, params.epochs + 1):
+        stats = train_one_epoch(state, model, loss_fn, batches, epoch, params, distributed)
+        state.history.append(stats)
+        if distributed.main:
+            logger.info(
+                "epoch %d/%d: loss %.4f, train accuracy %.3f, lr %.4g, %.1f img/s",
+                epoch,
+                params.epochs,
+                stats.loss,
+                stats.accuracy,
+                stats.lr,
+                stats.images_per_second,
+            )
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, state, params, extra or {})
+            if on_epoch is not None:
+                on_epoch(stats)
     return state
 
 
-def save_checkpoint(
-    path: Path, state: TrainingState, params: TrainParams, epoch: int, extra: dict[str, Any]
-) -> None:
+def _run_settings(train_params: dict[str, Any]) -> dict[str, Any]:
+    """The params that decide a run's result (not where it runs or whether it may resume)."""
+    return {k: v for k, v in train_params.items() if k not in ("device", "resume", "compile")}
+
+
+def save_checkpoint(path: Path, state: TrainingState, params: TrainParams, extra: dict[str, Any]) -> None:
     """Everything needed to resume or to embed, written atomically."""
     payload = {
         "format": CHECKPOINT_FORMAT,
-        "epoch": epoch,
+        "epoch": state.epoch,
         "train_params": params.model_dump(mode="json"),
-        "model": state.model.state_dict(),
+        "model": state.backbone.state_dict(),
         "head": state.head.state_dict(),
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "rng": torch.get_rng_state(),
         "history": [asdict(s) for s in state.history],
         **extra,
     }
     with atomic_path(path) as temp:
         torch.save(payload, temp)
+
+
+def restore(state: TrainingState, payload: dict[str, Any]) -> None:
+    """Put a checkpoint's model, head, optimizer, scheduler, scaler, RNG and history into `state`."""
+    state.backbone.load_state_dict(payload["model"])
+    state.head.load_state_dict(payload["head"])
+    state.optimizer.load_state_dict(payload["optimizer"])
+    state.scheduler.load_state_dict(payload["scheduler"])
+    state.scaler.load_state_dict(payload["scaler"])
+    torch.set_rng_state(payload["rng"].cpu())
+    state.history = [EpochStats(**row) for row in payload["history"]]
+
+
+def _move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    for values in optimizer.state.values():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor) and key != "step":
+                values[key] = value.to(device)
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -218,10 +366,30 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
 def load_backbone(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """The trained backbone in eval mode, and the checkpoint it came from."""
     payload = load_checkpoint(path, device)
-    train_params = TrainParams.model_validate(payload["train_params"])
-    model = build_backbone(train_params.backbone, train_params.embedding_size, train_params.dropout)
+    settings = payload["train_params"]
+    model = build_backbone(settings["backbone"], settings["embedding_size"], settings["dropout"])
     model.load_state_dict(payload["model"])
     return model.to(device).eval(), payload
+
+
+def load_backbone_weights(backbone: nn.Module, path: Path) -> None:
+    """Initialize `backbone` from a checkpoint of this pipeline or a plain state_dict file."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{path}: train.init_checkpoint not found") from err
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
+    weights = payload.get("model", payload) if isinstance(payload, dict) else None
+    if not isinstance(weights, dict):
+        raise ValueError(f"{path}: expected a state_dict or a checkpoint with a 'model' entry")
+    result = backbone.load_state_dict(weights, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{path}: weights don't fit this backbone: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    logger.info("initialized the backbone from %s", path)
 
 
 @dataclass(frozen=True)
@@ -238,7 +406,12 @@ def run(
     out_dir: Path,
     on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> TrainResult:
-    """Train on every usable face of every identity not in `excluded_identities`; write `out_dir`."""
+    """Train on every usable face of every identity not in `excluded_identities`; write `out_dir`.
+
+    The per-epoch checkpoint lives beside `out_dir` (`.<name>.progress/<key>/`) until training ends, so
+    an interrupted run, even one whose outputs DVC removed, resumes from its last finished epoch.
+    """
+    aligned_dir, out_dir = Path(aligned_dir), Path(out_dir)
     manifest = store.read_manifest(aligned_dir)
     split = training_split(manifest, excluded_identities, params.train.min_images_per_identity)
     if split.num_classes < 2:
@@ -247,28 +420,54 @@ def run(
             f"({split.excluded_identities} are scored by the evaluation, {split.too_small_identities} "
             f"have fewer than train.min_images_per_identity={params.train.min_images_per_identity} images)"
         )
+    distributed = Distributed.from_environment(resolve_device(params.train.device).type)
     faces = np.asarray(store.open_faces(aligned_dir)[split.rows])
-    with atomic_path(out_dir, directory=True) as temp:
-        extra = {"classes": split.classes}
-        state = fit(
-            params.train,
-            faces,
-            split.labels,
-            split.num_classes,
-            params.seed,
-            checkpoint=temp / CHECKPOINT_FILE,
-            extra=extra,
-            on_epoch=on_epoch,
-        )
-        pd.DataFrame([asdict(s) for s in state.history]).to_csv(temp / HISTORY_FILE, index=False)
-        write_json(
-            temp / SPLIT_FILE,
-            {
-                "faces": len(split.rows),
-                "classes": split.num_classes,
-                "identities": split.classes,
-                "excluded_identities": split.excluded_identities,
-                "too_small_identities": split.too_small_identities,
-            },
-        )
-    return TrainResult(Path(out_dir) / CHECKPOINT_FILE, state.history, split)
+    progress = out_dir.parent / f".{out_dir.name}.progress" / _run_key(params, aligned_dir, split)
+    if distributed.main and progress.parent.exists():
+        for stale in progress.parent.iterdir():
+            if stale != progress:
+                remove(stale)  # progress of other data or params can never be resumed
+    state = fit(
+        params.train,
+        faces,
+        split.labels,
+        split.num_classes,
+        params.seed,
+        checkpoint=progress / CHECKPOINT_FILE,
+        extra={"classes": split.classes},
+        on_epoch=on_epoch,
+        distributed=distributed,
+    )
+    if distributed.main:
+        with atomic_path(out_dir, directory=True) as temp:
+            os.replace(progress / CHECKPOINT_FILE, temp / CHECKPOINT_FILE)
+            pd.DataFrame([asdict(s) for s in state.history]).to_csv(temp / HISTORY_FILE, index=False)
+            write_json(
+                temp / SPLIT_FILE,
+                {
+                    "faces": len(split.rows),
+                    "classes": split.num_classes,
+                    "identities": split.classes,
+                    "excluded_identities": split.excluded_identities,
+                    "too_small_identities": split.too_small_identities,
+                },
+            )
+        remove(progress.parent)
+    if distributed.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return TrainResult(out_dir / CHECKPOINT_FILE, state.history, split)
+
+
+def _run_key(params: Params, aligned_dir: Path, split: TrainingSplit) -> str:
+    """Names one training run: its params, seed, classes and the aligned store's contents."""
+    digest = hashlib.sha256()
+    digest.update(params.train.model_dump_json(exclude={"device", "resume"}).encode())
+    digest.update(f"{params.seed}".encode())
+    digest.update("\n".join(split.classes).encode())
+    digest.update(split.rows.tobytes())
+    for name in (store.MANIFEST_FILE, store.FACES_FILE):
+        stat = (aligned_dir / name).stat()
+        digest.update(f"{name}:{stat.st_size}".encode())
+    digest.update((aligned_dir / store.MANIFEST_FILE).read_bytes())
+    return digest.hexdigest()[:16]

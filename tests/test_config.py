@@ -97,7 +97,9 @@ def test_wrong_type_and_range_name_key(tmp_path: Path) -> None:
 
 
 def test_choice_error_lists_allowed_values() -> None:
-    with pytest.raises(ParamsError, match=r"train\.loss: Input should be 'softmax' or 'arcface'"):
+    with pytest.raises(
+        ParamsError, match=r"train\.loss: Input should be 'softmax', 'arcface', 'cosface' or 'combined'"
+    ):
         load_params(ROOT / "params.yaml", ["train.loss=triplet"])
 
 

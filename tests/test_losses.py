@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -63,3 +65,69 @@ def test_no_nan_at_cosine_plus_minus_one() -> None:
     value.backward()
     assert torch.isfinite(value)
     assert torch.isfinite(cosine.grad).all()
+
+
+def reference_logits(cosine: np.ndarray, labels: np.ndarray, s: float, m1: float, m2: float, m3: float):
+    """The margin formula in float64 numpy, written independently of the module."""
+    logits = s * cosine.copy()
+    for row, label in enumerate(labels):
+        theta = np.arccos(np.clip(cosine[row, label], -1 + 1e-6, 1 - 1e-6))
+        angle = m1 * theta + m2
+        if angle <= np.pi:
+            value = np.cos(angle) - m3
+        else:
+            value = cosine[row, label] - np.cos((np.pi - m2) / m1) - 1 - m3
+        logits[row, label] = s * value
+    return logits
+
+
+@pytest.mark.parametrize(
+    ("name", "margins"),
+    [("arcface", (1.0, 0.5, 0.0)), ("cosface", (1.0, 0.0, 0.35)), ("combined", (1.0, 0.3, 0.2)),
+     ("combined", (1.3, 0.2, 0.1))],
+)  # fmt: skip
+def test_margin_math_matches_a_float64_reference(name: str, margins: tuple[float, float, float]) -> None:
+    rng = np.random.default_rng(7)
+    cosine = rng.uniform(-1, 1, (64, 6))
+    cosine[:4, :] = [[1.0], [-1.0], [0.999999], [-0.95]]  # the extremes
+    labels = rng.integers(0, 6, 64)
+    m1, m2, m3 = margins
+    loss = build_loss(name, 30.0, m2 if name == "arcface" else m3, combined=margins)
+    got = loss.logits(torch.from_numpy(cosine), torch.from_numpy(labels)).numpy()
+    assert np.allclose(got, reference_logits(cosine, labels, 30.0, m1, m2, m3), atol=1e-9)
+
+
+@pytest.mark.parametrize("margins", [(1.0, 0.5, 0.0), (1.0, 0.3, 0.2), (1.5, 0.2, 0.1)])
+def test_target_logit_is_continuous_and_falling_everywhere(margins: tuple[float, float, float]) -> None:
+    loss = MarginSoftmaxLoss(1.0, *margins)
+    thetas = torch.linspace(0.0, math.pi, 20001, dtype=torch.float64)
+    values = loss.target_logit(torch.cos(thetas))
+    steps = values[1:] - values[:-1]
+    assert (steps <= 1e-12).all()  # never rises
+    assert steps.abs().max() < 1e-3  # no jump anywhere (the grid step is 1.6e-4 rad)
+
+
+@pytest.mark.parametrize("name", ["arcface", "cosface", "combined"])
+def test_gradients_match_finite_differences(name: str) -> None:
+    loss = build_loss(name, 8.0, 0.4)
+    generator = torch.Generator().manual_seed(3)
+    cosine = (torch.rand(5, 4, generator=generator, dtype=torch.float64) * 1.6 - 0.8).requires_grad_()
+    labels = torch.randint(0, 4, (5,), generator=generator)
+    assert torch.autograd.gradcheck(lambda c: loss(c, labels), (cosine,))
+
+
+@pytest.mark.parametrize("name", ["softmax", "arcface", "cosface", "combined"])
+def test_every_loss_is_finite_at_the_extremes(name: str) -> None:
+    cosine = torch.tensor([[1.0, -1.0], [-1.0, 1.0], [1.0, 1.0], [-1.0, -1.0]], requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 1])
+    value = build_loss(name, 64.0, 0.5)(cosine, labels)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(cosine.grad).all()
+
+
+def test_cosface_subtracts_the_margin_from_the_target_cosine() -> None:
+    cosine, labels = random_cosines()
+    logits = build_loss("cosface", 10.0, 0.35).logits(cosine, labels)
+    target = F.one_hot(labels, cosine.shape[1]).bool()
+    assert torch.allclose(logits[target], 10.0 * (cosine[target] - 0.35))
+    assert torch.allclose(logits[~target], 10.0 * cosine[~target])

@@ -26,7 +26,8 @@ def run_cli(*args: str) -> int:
 def test_cli_stages_end_to_end_with_mlflow(
     tmp_path: Path, tiny_dataset: dict[str, Path], monkeypatch, capsys
 ) -> None:
-    workspace = make_workspace(tmp_path / "ws", tiny_params(tiny_dataset))
+    params = tiny_params(tiny_dataset, backbone="iresnet18", loss="combined")
+    workspace = make_workspace(tmp_path / "ws", params)
     monkeypatch.chdir(workspace)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
     for stage in ("download", "align", "train", "embed", "index", "evaluate", "track"):
@@ -57,7 +58,8 @@ def test_cli_stages_end_to_end_with_mlflow(
     run_id = read_json(workspace / "reports/mlflow_run.json")["run_id"]
     client = mlflow.MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
     run = client.get_run(run_id)
-    assert run.data.params["train.backbone"] == "resnet34"
+    assert run.data.params["train.backbone"] == "iresnet18"
+    assert run.data.params["train.loss"] == "combined"
     assert run.data.params["train.epochs"] == "1"
     assert run.data.metrics["accuracy_mean"] == pytest.approx(metrics["accuracy_mean"])
     assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1]
@@ -83,6 +85,25 @@ def test_cli_stages_end_to_end_with_mlflow(
     assert float(first_line.split()[2]) == pytest.approx(1.0, abs=1e-3)
     assert "no_face: no face found" in out.out
     assert "1 of 2 photos could not be answered" in out.err
+
+
+def test_torchrun_two_processes_train_a_checkpoint_that_evaluates(
+    tmp_path: Path, tiny_dataset: dict[str, Path], monkeypatch
+) -> None:
+    workspace = make_workspace(tmp_path / "ws", tiny_params(tiny_dataset, backbone="iresnet18"))
+    monkeypatch.chdir(workspace)
+    for stage in ("download", "align"):
+        assert run_cli(stage) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "arcface.cli", "train", "--set", "train.epochs=2"]  # fmt: skip
+    finished = subprocess.run(command, cwd=workspace, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    history = pd.read_csv(workspace / "models/history.csv")
+    assert history["epoch"].tolist() == [1, 2]
+    for stage in ("embed", "index", "evaluate"):
+        assert run_cli(stage) == 0, stage
+    metrics = read_json(workspace / "reports/metrics.json")
+    assert metrics["pairs"] == 40 and 0.0 <= metrics["auc"] <= 1.0
 
 
 def test_cli_reports_bad_params_in_one_line(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +40,11 @@ def test_batches_depend_only_on_seed_and_epoch() -> None:
     labels = np.arange(40) % 4
     first = DeviceBatches(faces, labels, 8, torch.device("cpu"), seed=3)
     second = DeviceBatches(faces, labels, 8, torch.device("cpu"), seed=3)
-    a = [(x.clone(), y.clone()) for x, y in first.epoch(2)]
-    b = list(second.epoch(2))
+    a = [step[0] for step in first.epoch(2)]
+    b = [step[0] for step in second.epoch(2)]
     assert len(a) == len(first) == 5
     assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b, strict=True))
-    c = [y for _, y in first.epoch(3)]
+    c = [step[0][1] for step in first.epoch(3)]
     assert not all(torch.equal(y1, y3) for (_, y1), y3 in zip(a, c, strict=True))
     x, _ = a[0]
     assert x.shape == (8, 3, 112, 112) and x.is_contiguous(memory_format=torch.channels_last)
@@ -77,7 +78,7 @@ def test_fit_learns_real_faces_and_checkpoint_reloads(
     assert payload["epoch"] == 4 and len(payload["history"]) == 4
     assert set(payload) >= {"model", "head", "optimizer", "scheduler", "train_params"}
     model, _ = load_backbone(checkpoint)
-    trained = embed_faces(state.model, faces[:4], flip=False)
+    trained = embed_faces(state.backbone, faces[:4], flip=False)
     reloaded = embed_faces(model, faces[:4], flip=False)
     assert np.allclose(trained, reloaded, atol=1e-5)
     assert np.allclose(np.linalg.norm(reloaded, axis=1), 1.0, atol=1e-5)
@@ -111,3 +112,198 @@ def test_damaged_checkpoint_is_refused_with_its_path(tmp_path: Path) -> None:
         load_checkpoint(bad)
     with pytest.raises(FileNotFoundError, match="run the train stage first"):
         load_checkpoint(tmp_path / "absent.pt")
+
+
+def separable_faces(classes: int = 4, per_class: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic 112×112 'faces': each class a different colour and stripe pattern, plus noise."""
+    rng = np.random.default_rng(seed)
+    faces, labels = [], []
+    for label in range(classes):
+        base = np.zeros((112, 112, 3), np.float64)
+        base[..., label % 3] = 180
+        base[:, :: 4 + 2 * label] += 60
+        for _ in range(per_class):
+            faces.append(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
+            labels.append(label)
+    return np.stack(faces), np.array(labels)
+
+
+def test_separable_synthetic_data_reaches_high_train_accuracy() -> None:
+    faces, labels = separable_faces()
+    params = TrainParams(
+        backbone="iresnet18", epochs=6, lr=0.05, loss="arcface", scale=16.0, margin=0.2, **SMALL
+    )
+    state = fit(params, faces, labels, 4, seed=0)
+    assert state.history[-1].accuracy >= 0.9
+    assert state.history[-1].loss < state.history[0].loss
+
+
+def interrupt_at(epoch: int, monkeypatch) -> None:
+    from arcface import train
+
+    real = train.train_one_epoch
+
+    def interrupted(state, model, loss_fn, batches, number, *args):
+        if number == epoch:
+            raise KeyboardInterrupt
+        return real(state, model, loss_fn, batches, number, *args)
+
+    monkeypatch.setattr(train, "train_one_epoch", interrupted)
+
+
+def test_resume_after_an_interrupt_gives_the_same_weights(tmp_path: Path, monkeypatch) -> None:
+    faces, labels = separable_faces()
+    params = TrainParams(backbone="iresnet18", epochs=3, dropout=0.2, **SMALL)
+    straight = fit(params, faces, labels, 4, seed=1, checkpoint=tmp_path / "a.pt")
+
+    interrupt_at(3, monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        fit(params, faces, labels, 4, seed=1, checkpoint=tmp_path / "b.pt")
+    assert load_checkpoint(tmp_path / "b.pt")["epoch"] == 2
+    monkeypatch.undo()
+    resumed = fit(params, faces, labels, 4, seed=1, checkpoint=tmp_path / "b.pt")
+
+    assert [s.loss for s in resumed.history] == [s.loss for s in straight.history]
+    for name, value in straight.backbone.state_dict().items():
+        assert torch.equal(value, resumed.backbone.state_dict()[name]), name
+    assert torch.equal(straight.head.weight, resumed.head.weight)
+
+
+def test_resume_can_be_turned_off(tmp_path: Path) -> None:
+    faces, labels = separable_faces()
+    params = TrainParams(backbone="iresnet18", epochs=1, **SMALL)
+    fit(params, faces, labels, 4, seed=1, checkpoint=tmp_path / "c.pt")
+    again = fit(
+        params.model_copy(update={"resume": False}), faces, labels, 4, seed=1, checkpoint=tmp_path / "c.pt"
+    )
+    assert len(again.history) == 1  # trained afresh rather than "already done"
+
+
+DDP_SCRIPT = """
+import sys
+import numpy as np
+from pathlib import Path
+from arcface.config import TrainParams
+from arcface.train import Distributed, fit
+
+data = np.load(sys.argv[1])
+params = TrainParams.model_validate_json(Path(sys.argv[2]).read_text())
+distributed = Distributed.from_environment("cpu")
+fit(params, data["faces"], data["labels"], 4, seed=3, checkpoint=Path(sys.argv[3]), distributed=distributed)
+"""
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_batch(tmp_path: Path) -> None:
+    """torchrun with 2 gloo processes, each taking half of every batch, ends with the same weights as
+    one process that accumulates the same two halves (BatchNorm sees the same micro-batches)."""
+    import subprocess
+    import sys
+
+    faces, labels = separable_faces(per_class=8)
+    np.savez(tmp_path / "data.npz", faces=faces, labels=labels)
+    params = TrainParams(backbone="iresnet18", epochs=2, amp="off", **{**SMALL, "batch_size": 8})
+    (tmp_path / "params.json").write_text(params.model_dump_json())
+    (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(tmp_path / "ddp.py"), str(tmp_path / "data.npz"), str(tmp_path / "params.json"),
+               str(tmp_path / "ddp.pt")]  # fmt: skip
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+    # torchrun runs each process with one thread; oneDNN's results depend on the thread count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = fit(params.model_copy(update={"accumulate": 2}), faces, labels, 4, seed=3)
+    finally:
+        torch.set_num_threads(threads)
+    distributed = load_checkpoint(tmp_path / "ddp.pt")
+    assert distributed["epoch"] == 2
+    for name, parameter in single.backbone.named_parameters():
+        assert torch.allclose(parameter, distributed["model"][name], atol=1e-5), name
+    assert torch.allclose(single.head.weight, distributed["head"]["weight"], atol=1e-5)
+    losses = [row["loss"] for row in distributed["history"]]
+    assert losses == pytest.approx([s.loss for s in single.history], rel=1e-4)
+
+
+def test_batch_that_does_not_split_is_refused() -> None:
+    faces, labels = separable_faces()
+    params = TrainParams(backbone="iresnet18", epochs=1, accumulate=3, **SMALL)
+    with pytest.raises(ValueError, match="batch_size 16 does not split into 1 process"):
+        fit(params, faces, labels, 4, seed=0)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "poly"])
+def test_schedule_warms_up_then_decays_to_zero(schedule: str) -> None:
+    from arcface.train import lr_factor
+
+    factor = lr_factor(TrainParams(epochs=4, warmup_epochs=1, schedule=schedule), steps_per_epoch=10)
+    values = [factor(step) for step in range(40)]
+    assert values[0] < values[5] < values[9] <= 1.0  # linear warm-up over the first epoch
+    assert values[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(values[10:]))
+    assert factor(40) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_adamw_trains_and_clipping_limits_the_update() -> None:
+    faces, labels = separable_faces()
+    base = TrainParams(backbone="iresnet18", epochs=2, optimizer="adamw", lr=1e-3, **SMALL)
+    free = fit(base, faces, labels, 4, seed=0)
+    clipped = fit(
+        base.model_copy(update={"clip_grad_norm": 1e-8, "optimizer": "sgd"}), faces, labels, 4, seed=0
+    )
+    start = fit(
+        base.model_copy(update={"epochs": 1, "lr": 1e-12, "optimizer": "sgd"}), faces, labels, 4, seed=0
+    )
+    assert free.history[-1].loss < free.history[0].loss
+    # With gradients clipped to a norm of 1e-8, SGD barely moves from the initial weights.
+    moved = (clipped.head.weight - start.head.weight).abs().max()
+    assert moved < 1e-6
+
+
+def test_init_checkpoint_loads_backbone_weights(tmp_path: Path) -> None:
+    faces, labels = separable_faces()
+    params = TrainParams(backbone="iresnet18", epochs=1, **SMALL)
+    fit(params, faces, labels, 4, seed=0, checkpoint=tmp_path / "first.pt")
+    from arcface.train import build_state
+
+    warm = build_state(
+        params.model_copy(update={"init_checkpoint": str(tmp_path / "first.pt")}), 4, 2, seed=9
+    )
+    first = load_checkpoint(tmp_path / "first.pt")["model"]
+    assert all(torch.equal(v, first[k]) for k, v in warm.backbone.state_dict().items())
+    wrong = params.model_copy(update={"backbone": "resnet34", "init_checkpoint": str(tmp_path / "first.pt")})
+    with pytest.raises(ValueError, match="weights don't fit this backbone"):
+        build_state(wrong, 4, 2, seed=0)
+
+
+def test_train_stage_resumes_an_interrupted_run(aligned_tiny: Path, tmp_path: Path, monkeypatch) -> None:
+    from arcface import train
+    from arcface.config import load_params
+
+    params = load_params(
+        Path(__file__).parent.parent / "params.yaml",
+        {
+            "train.backbone": "iresnet18",
+            "train.epochs": 2,
+            "train.batch_size": 16,
+            "train.embedding_size": 64,
+        },
+    )
+    out = tmp_path / "models"
+    interrupt_at(2, monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(params, aligned_tiny, set(), out)
+    assert not out.exists()  # nothing that looks finished
+    progress = list((tmp_path / ".models.progress").glob("*/checkpoint.pt"))
+    assert len(progress) == 1 and load_checkpoint(progress[0])["epoch"] == 1
+    monkeypatch.undo()
+
+    epochs_run = []
+    result = train.run(
+        params, aligned_tiny, set(), out, on_epoch=lambda stats: epochs_run.append(stats.epoch)
+    )
+    assert epochs_run == [2]  # epoch 1 came from the interrupted run
+    assert [s.epoch for s in result.history] == [1, 2]
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+    assert not (tmp_path / ".models.progress").exists()

@@ -63,7 +63,13 @@ def to_model_input(faces: torch.Tensor) -> torch.Tensor:
 
 
 class DeviceBatches:
-    """Shuffled mini-batches of faces held on the training device, with random horizontal flips."""
+    """Shuffled batches of faces held on the training device, with random horizontal flips.
+
+    Every step consumes `batch_size` images of one permutation that depends only on (seed, epoch), so a
+    resumed run sees the same batches. The step's images are cut into `world × accumulate` equal
+    micro-batches; process `rank` gets micro-batches rank·accumulate ... rank·accumulate + accumulate − 1.
+    So a 2-process run and a 1-process run with `accumulate=2` compute on exactly the same micro-batches.
+    """
 
     def __init__(
         self,
@@ -73,7 +79,16 @@ class DeviceBatches:
         device: torch.device,
         seed: int,
         flip: bool = True,
+        world: int = 1,
+        rank: int = 0,
+        accumulate: int = 1,
     ) -> None:
+        parts = world * accumulate
+        if batch_size % parts:
+            raise ValueError(
+                f"train.batch_size {batch_size} does not split into {world} process(es) × "
+                f"train.accumulate {accumulate} equal micro-batches"
+            )
         if len(faces) < batch_size:
             raise ValueError(
                 f"only {len(faces)} training faces for batch_size {batch_size}: lower train.batch_size"
@@ -81,20 +96,25 @@ class DeviceBatches:
         self.faces = torch.from_numpy(np.ascontiguousarray(faces)).to(device)  # (N, 112, 112, 3)
         self.labels = torch.as_tensor(np.array(labels, dtype=np.int64), device=device)
         self.batch_size, self.device, self.seed, self.flip = batch_size, device, seed, flip
+        self.micro_size = batch_size // parts
+        self.rank, self.accumulate = rank, accumulate
 
     def __len__(self) -> int:
         # The last incomplete batch is dropped: BatchNorm and the schedule prefer equal batches.
         return len(self.faces) // self.batch_size
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The batches of one epoch; the order depends only on (seed, epoch), so a resumed run matches."""
+    def epoch(self, epoch: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Per step, this process's micro-batches: [(images (b, 3, 112, 112), labels (b,)), ...]."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.faces), generator=generator).to(self.device)
         flips = torch.rand(len(self.faces), generator=generator).to(self.device) < 0.5
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            index = order[start : start + self.batch_size]
-            images = to_model_input(self.faces[index])  # (B, 3, 112, 112)
-            if self.flip:
-                flipped = flips[index][:, None, None, None]
-                images = torch.where(flipped, images.flip(3), images)
-            yield images, self.labels[index]
+        for step in range(len(self)):
+            micro_batches = []
+            for part in range(self.rank * self.accumulate, (self.rank + 1) * self.accumulate):
+                start = step * self.batch_size + part * self.micro_size
+                index = order[start : start + self.micro_size]
+                images = to_model_input(self.faces[index])
+                if self.flip:
+                    images = torch.where(flips[index][:, None, None, None], images.flip(3), images)
+                micro_batches.append((images, self.labels[index]))
+            yield micro_batches

@@ -88,3 +88,7 @@ def resnet34(embedding_size: int = 512, dropout: float = 0.0) -> nn.Module:
 def resnet50(embedding_size: int = 512, dropout: float = 0.0) -> nn.Module:
     """The seed's ResNet50: bottleneck blocks [3, 4, 6, 3]."""
     return FaceResNet(Bottleneck, [3, 4, 6, 3], embedding_size, dropout)
+
+
+# The IResNet family registers itself on import; it lives in its own module.
+from arcface.models import iresnet  # noqa: E402, F401
