@@ -51,25 +51,29 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from arcface import evaluate, train
+    from arcface import train
+    from arcface.protocol import training_exclusions
 
     params = _params(args)
-    excluded = evaluate.scored_identities(args.protocols, params.evaluate.protocol)
-    result = train.run(params, args.aligned, excluded, args.out)
-    last = result.history[-1]
-    print(
-        f"trained {params.train.backbone} on {len(result.split.rows)} faces of "
-        f"{result.split.num_classes} identities: loss {last.loss:.4f}, train accuracy "
-        f"{last.accuracy:.3f} -> {result.checkpoint}"
-    )
+    excluded = training_exclusions(params.evaluate, args.protocols, params.seed)
+    for result in train.run(params, args.aligned, excluded, args.out):
+        last = result.history[-1]
+        print(
+            f"trained {params.train.backbone} on {len(result.split.rows)} faces of "
+            f"{result.split.num_classes} identities: loss {last.loss:.4f}, train accuracy "
+            f"{last.accuracy:.3f} -> {result.checkpoint}"
+        )
     return 0
 
 
 def _embed(args: argparse.Namespace) -> int:
     from arcface import embed
 
-    result = embed.run(_params(args).embed, args.aligned, args.checkpoint, args.out)
-    print(f"{result.count} embeddings of dimension {result.dimension} in {result.out_dir}")
+    result = embed.run(_params(args).embed, args.aligned, args.models, args.out)
+    print(
+        f"{result.count} embeddings of dimension {result.dimension} by {result.groups} model(s) "
+        f"in {result.out_dir}"
+    )
     return 0
 
 
@@ -84,8 +88,50 @@ def _index(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from arcface import evaluate
 
-    report = evaluate.run(_params(args).evaluate, args.protocols, args.aligned, args.embeddings, args.out)
+    params = _params(args)
+    report = evaluate.run(
+        params.evaluate, args.protocols, args.aligned, args.embeddings, args.out, args.models, params.seed
+    )
     print(report.summary())
+    return 0
+
+
+def _verify_bin(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from arcface import evaluate
+    from arcface.files import write_json
+
+    far_targets = _params(args).evaluate.far_targets
+    results = {}
+    for path in args.sets:
+        reports = evaluate.verify_bin_set(args.checkpoint, path, far_targets)
+        for report in reports.values():
+            print(report.summary())
+        results[path.stem] = {variant: asdict(report) for variant, report in reports.items()}
+    if args.out:
+        write_json(args.out, results)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _plot_angles(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from arcface import plots
+    from arcface.train import ANGLES_FILE
+
+    labels = args.labels or [folder.name for folder in args.models]
+    if len(labels) != len(args.models):
+        raise ValueError(f"{len(labels)} labels for {len(args.models)} model folders")
+    angles = {}
+    for label, folder in zip(labels, args.models, strict=True):
+        path = folder / "group-0" / ANGLES_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no training angles (train with this version first)")
+        angles[label] = np.load(path)
+    plots.angle_distributions(angles, args.out)
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -215,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("embed", _embed, "embed every aligned face (L2-normalized)")
     path(sub, "--aligned", LAYOUT.aligned, "aligned store")
-    path(sub, "--checkpoint", LAYOUT.model / "checkpoint.pt", "trained checkpoint")
+    path(sub, "--models", LAYOUT.model, "trained models folder (group-*/checkpoint.pt)")
     path(sub, "--out", LAYOUT.embeddings, "embeddings folder")
 
     sub = command("index", _index, "build the FAISS index and its labels table")
@@ -227,7 +273,24 @@ def build_parser() -> argparse.ArgumentParser:
     path(sub, "--protocols", LAYOUT.protocols, "folder of LFW protocol files")
     path(sub, "--aligned", LAYOUT.aligned, "aligned store")
     path(sub, "--embeddings", LAYOUT.embeddings, "embeddings folder")
+    path(sub, "--models", LAYOUT.model, "trained models folder (training angles for the plots)")
     path(sub, "--out", LAYOUT.reports, "reports folder")
+
+    sub = command(
+        "verify-bin", _verify_bin, "score insightface verification sets (lfw.bin, cfp_fp.bin, agedb_30.bin)"
+    )
+    sub.add_argument("sets", type=Path, nargs="+", help=".bin files: pickled (images, is_same)")
+    path(sub, "--checkpoint", LAYOUT.model / "group-0" / "checkpoint.pt", "trained checkpoint")
+    sub.add_argument("--out", type=Path, default=None, help="also write the reports as JSON here")
+
+    sub = command(
+        "plot-angles",
+        _plot_angles,
+        "side by side: angles of training faces to their class centres (e.g. softmax vs arcface models)",
+    )
+    sub.add_argument("models", type=Path, nargs="+", help="model folders (each with group-0/angles.npy)")
+    sub.add_argument("--labels", nargs="+", default=None, help="a title per folder (default: folder names)")
+    sub.add_argument("--out", type=Path, default=Path("angles-compared.png"), help="PNG to write")
 
     sub = command("track", _track, "record the run (params, curves, metrics, plots, model) in MLflow")
     path(sub, "--model", LAYOUT.model, "model folder")
@@ -239,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("photos", type=Path, nargs="+", help="photos or folders of photos")
     sub.add_argument("--k", type=int, default=None, help="identities per photo (default: index.k)")
     sub.add_argument("--csv", type=Path, default=None, help="write answers to this CSV instead")
-    path(sub, "--checkpoint", LAYOUT.model / "checkpoint.pt", "trained checkpoint")
+    path(sub, "--checkpoint", LAYOUT.model / "group-0" / "checkpoint.pt", "trained checkpoint")
     path(sub, "--index", LAYOUT.index, "index folder")
     return parser
 

@@ -117,8 +117,12 @@ class IndexParams(_Section):
 
 
 class EvaluateParams(_Section):
-    protocol: Literal["view2", "view1"] = "view2"
-    far_target: float = Field(1e-3, gt=0, lt=1)
+    protocol: Literal["view2", "view1", "csv"] = "view2"
+    groups: int = Field(1, ge=1, le=50)  # view2 cross-training: G models, each blind to one group of folds
+    pairs_csv: str | None = None  # csv protocol: path1,path2,same[,fold] over the aligned store's paths
+    folds: int = Field(10, ge=2, le=1000)  # csv protocol without a fold column
+    far_targets: tuple[float, ...] = Field((1e-3, 1e-2), strict=False, min_length=1)
+    unscorable: Literal["wrong", "fail"] = "wrong"  # pairs with an unusable image: count as errors | stop
 
 
 class TrackingParams(_Section):

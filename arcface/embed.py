@@ -1,10 +1,16 @@
-"""Embeddings: batched inference over aligned faces, optional flip test-time augmentation, L2-normalized."""
+"""Embeddings: batched inference over aligned faces, L2-normalized, with and without flip test-time
+augmentation (flip TTA: the embedding of a face plus that of its mirror image, then normalized).
+
+Both variants come from one pass (the flipped batch is needed for TTA anyway), so the evaluation can
+report each. With cross-training there is one model per group: `<out>/group-<g>/` holds its embeddings.
+"""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,16 +23,45 @@ from arcface.data import store
 from arcface.data.datasets import to_model_input
 from arcface.device import autocast, autocast_dtype, resolve_device
 from arcface.files import atomic_path, read_json, sha256_file, write_json
-from arcface.train import load_backbone
+from arcface.train import CHECKPOINT_FILE, group_dirs, load_backbone
 
 logger = logging.getLogger(__name__)
 
-EMBEDDINGS_FILE = "embeddings.npy"
+VARIANTS = ("flip", "plain")
 ROWS_FILE = "rows.npy"
 INFO_FILE = "embed.json"
 
 
 @torch.inference_mode()
+def embed_variants(
+    model: nn.Module,
+    faces: np.ndarray,
+    batch_size: int = 128,
+    amp: torch.dtype | None = None,
+    progress: bool = False,
+    variants: tuple[str, ...] = VARIANTS,
+) -> dict[str, np.ndarray]:
+    """(N, 112, 112, 3) uint8 faces -> {"plain": (N, D), "flip": (N, D)} float32 unit vectors."""
+    model.eval()
+    device = next(model.parameters()).device
+    chunks: dict[str, list[torch.Tensor]] = {variant: [] for variant in variants}
+    starts = range(0, len(faces), batch_size)
+    for start in tqdm(starts, desc="embed", unit="batch", disable=None if progress else True):
+        batch = torch.from_numpy(np.ascontiguousarray(faces[start : start + batch_size]))
+        images = to_model_input(batch.to(device))  # (B, 3, 112, 112)
+        with autocast(device, amp):
+            direct = model(images).float()  # (B, D)
+            if "plain" in chunks:
+                chunks["plain"].append(F.normalize(direct, dim=1).cpu())
+            if "flip" in chunks:
+                both = direct + model(images.flip(3)).float()
+                chunks["flip"].append(F.normalize(both, dim=1).cpu())
+    return {
+        variant: torch.cat(parts).numpy() if parts else np.zeros((0, 0), dtype=np.float32)
+        for variant, parts in chunks.items()
+    }
+
+
 def embed_faces(
     model: nn.Module,
     faces: np.ndarray,
@@ -35,25 +70,9 @@ def embed_faces(
     amp: torch.dtype | None = None,
     progress: bool = False,
 ) -> np.ndarray:
-    """(N, 112, 112, 3) uint8 faces -> (N, D) float32 unit vectors.
-
-    With `flip`, each embedding is the sum of the face's and its mirror image's, then normalized.
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    chunks = []
-    starts = range(0, len(faces), batch_size)
-    for start in tqdm(starts, desc="embed", unit="batch", disable=None if progress else True):
-        batch = torch.from_numpy(np.ascontiguousarray(faces[start : start + batch_size]))
-        images = to_model_input(batch.to(device))  # (B, 3, 112, 112)
-        with autocast(device, amp):
-            vectors = model(images).float()  # (B, D)
-            if flip:
-                vectors = vectors + model(images.flip(3)).float()
-        chunks.append(F.normalize(vectors, dim=1).cpu())
-    if not chunks:
-        return np.zeros((0, 0), dtype=np.float32)
-    return torch.cat(chunks).numpy()
+    """(N, 112, 112, 3) uint8 faces -> (N, D) unit vectors, with flip TTA or without."""
+    variant = "flip" if flip else "plain"
+    return embed_variants(model, faces, batch_size, amp, progress, (variant,))[variant]
 
 
 @dataclass(frozen=True)
@@ -61,41 +80,65 @@ class EmbedResult:
     out_dir: Path
     count: int
     dimension: int
+    groups: int
 
 
-def run(params: EmbedParams, aligned_dir: Path, checkpoint: Path, out_dir: Path) -> EmbedResult:
-    """Embed every usable face of the store; write embeddings, their manifest rows and a description."""
+def run(params: EmbedParams, aligned_dir: Path, models_dir: Path, out_dir: Path) -> EmbedResult:
+    """Embed every usable face of the store with each group's model."""
     device = resolve_device(params.device)
-    model, payload = load_backbone(checkpoint, device)
-    model.to(memory_format=torch.channels_last)
     manifest = store.read_manifest(aligned_dir)
     rows = store.usable_rows(manifest)
     faces = store.open_faces(aligned_dir)
     if len(faces) != len(manifest):
         raise ValueError(f"{aligned_dir}: faces.npy has {len(faces)} rows but the manifest {len(manifest)}")
-    amp = autocast_dtype(payload["train_params"]["amp"], device)
-    vectors = embed_faces(model, faces[rows], params.batch_size, params.flip, amp, progress=True)
+    selected = np.asarray(faces[rows])
+    models = group_dirs(models_dir)
     with atomic_path(out_dir, directory=True) as temp:
-        np.save(temp / EMBEDDINGS_FILE, vectors)
-        np.save(temp / ROWS_FILE, rows.astype(np.int64))
-        write_json(
-            temp / INFO_FILE,
-            {
-                "count": len(rows),
-                "dimension": int(vectors.shape[1]),
-                "flip": params.flip,
-                "checkpoint_sha256": sha256_file(checkpoint),
-                "backbone": payload["train_params"]["backbone"],
-            },
+        for group, folder in enumerate(models):
+            checkpoint = folder / CHECKPOINT_FILE
+            model, payload = load_backbone(checkpoint, device)
+            model.to(memory_format=torch.channels_last)
+            amp = autocast_dtype(payload["train_params"]["amp"], device)
+            vectors = embed_variants(model, selected, params.batch_size, amp, progress=True)
+            _check_finite(vectors, rows, manifest, checkpoint)
+            target = temp / folder.name
+            target.mkdir()
+            for variant, values in vectors.items():
+                np.save(target / f"{variant}.npy", values)
+            np.save(target / ROWS_FILE, rows.astype(np.int64))
+            write_json(
+                target / INFO_FILE,
+                {
+                    "group": group,
+                    "count": len(rows),
+                    "dimension": int(vectors["flip"].shape[1]),
+                    "primary": "flip" if params.flip else "plain",
+                    "checkpoint_sha256": sha256_file(checkpoint),
+                    "backbone": payload["train_params"]["backbone"],
+                },
+            )
+    dimension = int(vectors["flip"].shape[1])
+    logger.info("embedded %d faces into %d-d vectors with %d model(s)", len(rows), dimension, len(models))
+    return EmbedResult(Path(out_dir), len(rows), dimension, len(models))
+
+
+def _check_finite(vectors: dict[str, np.ndarray], rows: np.ndarray, manifest: Any, checkpoint: Path) -> None:
+    broken = ~np.isfinite(vectors["plain"]).all(axis=1)
+    if broken.any():
+        examples = ", ".join(manifest["path"].iloc[rows[broken][:3]])
+        raise ValueError(
+            f"{checkpoint}: {int(broken.sum())} embedding(s) are NaN or infinite (e.g. {examples}); "
+            "the model is broken: retrain it, e.g. with a lower train.lr"
         )
-    logger.info("embedded %d faces into %d-d vectors", len(rows), vectors.shape[1])
-    return EmbedResult(Path(out_dir), len(rows), int(vectors.shape[1]))
 
 
-def load_embeddings(folder: Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(N, D) float32 embeddings, (N,) manifest rows, and the description written with them."""
-    folder = Path(folder)
-    path = folder / EMBEDDINGS_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: embeddings not found (run the embed stage first)")
-    return np.load(path), np.load(folder / ROWS_FILE), read_json(folder / INFO_FILE)
+def load_embeddings(
+    folder: Path, group: int = 0, variant: str | None = None
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(N, D) float32 embeddings of group `group` (the primary variant unless `variant` is given), their
+    manifest rows, and the description written with them."""
+    folder = Path(folder) / f"group-{group}"
+    if not (folder / INFO_FILE).exists():
+        raise FileNotFoundError(f"{folder}: embeddings not found (run the embed stage first)")
+    info = read_json(folder / INFO_FILE)
+    return np.load(folder / f"{variant or info['primary']}.npy"), np.load(folder / ROWS_FILE), info

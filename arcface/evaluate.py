@@ -1,10 +1,8 @@
-"""LFW verification: cosine scores of pairs, thresholds chosen on held-out folds, ROC metrics, plots.
+"""Verification metrics and the evaluate stage: cosine scores, held-out thresholds, ROC numbers, plots.
 
-Protocols (DESIGN.md, "Honest evaluation"):
-- `view2`: `pairs.txt`, folds as in the file; each fold is scored at the threshold that maximizes
-  accuracy on the other folds; accuracy is reported as mean ± std over folds.
-- `view1`: the threshold that maximizes accuracy on `pairsDevTrain.txt`, accuracy on `pairsDevTest.txt`.
-A model never trains on the identities it is scored on: `scored_identities` tells the train stage which.
+The protocol (which pairs, which model scores which fold, where thresholds come from) is arcface.protocol;
+this module is the arithmetic: pure numpy/pandas in, a small dataclass out. Every threshold is chosen on
+pairs other than the ones it scores, and the optimum is exact: every distinct score is a candidate.
 """
 
 from __future__ import annotations
@@ -12,33 +10,43 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure  # no pyplot: files only, no GUI backend, no global state
 
+from arcface import plots
 from arcface.config import EvaluateParams
 from arcface.data import store
-from arcface.data.lfw import protocol_identities, read_pairs
-from arcface.embed import load_embeddings
+from arcface.embed import VARIANTS, load_embeddings
 from arcface.files import atomic_path, write_json
+from arcface.protocol import ProtocolPlan, plan
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 ROC_FILE = "roc.csv"
 SCORES_FILE = "scores.csv"
+FOLDS_FILE = "folds.csv"
 ROC_PLOT = "roc.png"
 HISTOGRAM_PLOT = "scores.png"
-# protocol -> (file whose pairs choose the threshold or None for k-fold, file whose pairs are scored)
-PROTOCOL_FILES: dict[str, tuple[str | None, str]] = {
-    "view2": (None, "pairs.txt"),
-    "view1": ("pairsDevTrain.txt", "pairsDevTest.txt"),
-}
+FOLDS_PLOT = "folds.png"
+ANGLES_PLOT = "angles.png"
+# Unscorable pairs get the worst possible cosine, so every threshold in [-1, 1] counts them as errors.
+_WORST = 2.0
 
 
 class EvaluationError(ValueError):
     """A pair that can't be scored: the message names the protocol file, the line and the image."""
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    fold: int
+    group: int  # the cross-training group, i.e. the model that scored this fold
+    threshold: float
+    accuracy: float
+    pairs: int
 
 
 @dataclass(frozen=True)
@@ -52,25 +60,39 @@ class VerificationReport:
     threshold: float  # mean of the per-fold thresholds (cosine)
     auc: float
     eer: float
-    tar_at_far: float
-    far_target: float
-    fold_accuracies: list[float] = field(default_factory=list)
-    fold_thresholds: list[float] = field(default_factory=list)
+    tar_at_far: dict[str, float]  # "0.001" -> true accept rate at that false accept rate
+    unscorable_pairs: int = 0
+    folds: list[FoldResult] = field(default_factory=list)
+
+    @property
+    def fold_accuracies(self) -> list[float]:
+        return [fold.accuracy for fold in self.folds]
 
     def summary(self) -> str:
         """Two lines for people: accuracy over folds, then the ROC numbers."""
+        tars = ", ".join(f"TAR@FAR={far} {tar:.4f}" for far, tar in self.tar_at_far.items())
+        unscorable = f", {self.unscorable_pairs} unscorable (counted wrong)" if self.unscorable_pairs else ""
+        models = len({f.group for f in self.folds})
+        by = f", {models} cross-trained models" if models > 1 else ""
         return (
-            f"{self.protocol}: accuracy {self.accuracy_mean:.4f} ± {self.accuracy_std:.4f} "
-            f"over {len(self.fold_accuracies)} fold(s), {self.pairs} pairs\n"
-            f"  ROC AUC {self.auc:.4f}, EER {self.eer:.4f}, "
-            f"TAR@FAR={self.far_target:g} {self.tar_at_far:.4f}, threshold {self.threshold:.4f}"
+            f"{self.protocol}: accuracy {self.accuracy_mean:.4f} ± {self.accuracy_std:.4f} over "
+            f"{len(self.folds)} fold(s), {self.pairs} pairs{by}{unscorable}\n"
+            f"  ROC AUC {self.auc:.4f}, EER {self.eer:.4f}, {tars}, threshold {self.threshold:.4f}"
         )
 
-
-def scored_identities(protocols_dir: Path, protocol: str) -> set[str]:
-    """Every identity in the pairs a model will be scored on: the train stage must leave them out."""
-    _, scored = PROTOCOL_FILES[protocol]
-    return protocol_identities(read_pairs(_protocol_path(protocols_dir, scored)))
+    def scalars(self) -> dict[str, float]:
+        """The numbers, flat: for metrics.json's top level and MLflow."""
+        flat = {
+            "pairs": self.pairs,
+            "accuracy_mean": self.accuracy_mean,
+            "accuracy_std": self.accuracy_std,
+            "threshold": self.threshold,
+            "auc": self.auc,
+            "eer": self.eer,
+            "unscorable_pairs": self.unscorable_pairs,
+        }
+        flat.update({f"tar_at_far_{far}": tar for far, tar in self.tar_at_far.items()})
+        return flat
 
 
 def best_threshold(scores: np.ndarray, same: np.ndarray) -> tuple[float, float]:
@@ -117,8 +139,8 @@ def roc_curve(scores: np.ndarray, same: np.ndarray) -> pd.DataFrame:
     )
 
 
-def roc_summary(roc: pd.DataFrame, far_target: float) -> tuple[float, float, float]:
-    """(AUC, equal error rate, TAR at FAR ≤ far_target) from a ROC table."""
+def roc_summary(roc: pd.DataFrame, far_targets: tuple[float, ...]) -> tuple[float, float, dict[str, float]]:
+    """(AUC, equal error rate, {FAR: TAR at FAR ≤ that}) from a ROC table."""
     fpr, tpr = roc["fpr"].to_numpy(), roc["tpr"].to_numpy()
     auc = float(np.trapezoid(tpr, fpr))
     # EER: where the false reject rate (1 − TPR) crosses the false accept rate; interpolate between
@@ -130,59 +152,67 @@ def roc_summary(roc: pd.DataFrame, far_target: float) -> tuple[float, float, flo
         eer = float(fpr[i - 1] + w * (fpr[i] - fpr[i - 1]))
     else:
         eer = float(fpr[i])
-    tar = float(tpr[fpr <= far_target].max())
-    return auc, eer, tar
+    tars = {f"{far:g}": float(tpr[fpr <= far].max()) for far in far_targets}
+    return auc, eer, tars
 
 
 def verify(
     scores: np.ndarray,
     same: np.ndarray,
     folds: np.ndarray,
-    far_target: float,
+    far_targets: tuple[float, ...],
     protocol: str,
+    groups: np.ndarray | None = None,
     threshold_scores: np.ndarray | None = None,
     threshold_same: np.ndarray | None = None,
+    unscorable: np.ndarray | None = None,
 ) -> VerificationReport:
-    """Accuracy with held-out thresholds: per fold from the other folds, or from a separate pair set."""
-    if threshold_scores is not None:
-        threshold, _ = best_threshold(threshold_scores, threshold_same)
-        fold_thresholds = [threshold]
-        fold_accuracies = [accuracy_at(scores, same, threshold)]
-    else:
-        fold_thresholds, fold_accuracies = [], []
-        for fold in np.unique(folds):
-            held = folds == fold
-            threshold, _ = best_threshold(scores[~held], same[~held])
-            fold_thresholds.append(threshold)
-            fold_accuracies.append(accuracy_at(scores[held], same[held], threshold))
-    auc, eer, tar = roc_summary(roc_curve(scores, same), far_target)
+    """Accuracy with held-out thresholds: each fold's from the other folds of its group, or (view1) from
+    a separate pair set. `unscorable` pairs take no part in choosing thresholds and count as errors in
+    their fold; in the ROC they get the worst score, so they are errors at every threshold too."""
+    same = same.astype(bool)
+    groups = np.zeros(len(scores), dtype=int) if groups is None else groups
+    unscorable = np.zeros(len(scores), dtype=bool) if unscorable is None else unscorable
+    scores = np.where(unscorable, np.where(same, -_WORST, _WORST), scores)
+    results = []
+    for fold in np.unique(folds):
+        held = folds == fold
+        group = int(groups[held][0])
+        if threshold_scores is not None:
+            threshold, _ = best_threshold(threshold_scores, threshold_same)
+        else:
+            choosing = ~held & (groups == group) & ~unscorable
+            threshold, _ = best_threshold(scores[choosing], same[choosing])
+        correct = ((scores[held] >= threshold) == same[held]) & ~unscorable[held]
+        results.append(FoldResult(int(fold), group, threshold, float(correct.mean()), int(held.sum())))
+    auc, eer, tars = roc_summary(roc_curve(scores, same), far_targets)
+    accuracies = [r.accuracy for r in results]
     return VerificationReport(
         protocol=protocol,
         pairs=len(scores),
-        accuracy_mean=float(np.mean(fold_accuracies)),
-        accuracy_std=float(np.std(fold_accuracies)),
-        threshold=float(np.mean(fold_thresholds)),
+        accuracy_mean=float(np.mean(accuracies)),
+        accuracy_std=float(np.std(accuracies)),
+        threshold=float(np.mean([r.threshold for r in results])),
         auc=auc,
         eer=eer,
-        tar_at_far=tar,
-        far_target=far_target,
-        fold_accuracies=fold_accuracies,
-        fold_thresholds=fold_thresholds,
+        tar_at_far=tars,
+        unscorable_pairs=int(unscorable.sum()),
+        folds=results,
     )
 
 
-def pair_scores(
-    pairs: pd.DataFrame,
-    manifest: pd.DataFrame,
-    embeddings: np.ndarray,
-    rows: np.ndarray,
-    source: Path,
-) -> np.ndarray:
-    """Cosine of each pair's two embeddings; EvaluationError names the first pair that can't be scored."""
+def pair_rows(
+    pairs: pd.DataFrame, manifest: pd.DataFrame, source: Path, policy: str = "wrong"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Manifest rows of each pair's two images, and which pairs can't be scored.
+
+    An image missing from the store is always an error (the protocol and the data disagree). An image
+    that is in the store but could not be read is `unscorable`: with policy `fail` an error, with `wrong`
+    the pair is counted as an error by `verify` and reported, never silently dropped.
+    """
     row_of_path = pd.Series(np.arange(len(manifest)), index=manifest["path"].to_numpy())
-    vector_of_row = np.full(len(manifest), -1)
-    vector_of_row[rows] = np.arange(len(rows))
-    indices = []
+    usable = (manifest["status"] != "error").to_numpy()
+    rows, unscorable = [], np.zeros(len(pairs), dtype=bool)
     for column in ("path1", "path2"):
         found = row_of_path.reindex(pairs[column].to_numpy())
         missing = found.isna().to_numpy()
@@ -192,16 +222,43 @@ def pair_scores(
                 f"{source}:{pairs['line'].iat[first]}: image {pairs[column].iat[first]} is not in the "
                 f"aligned store ({int(missing.sum())} pair images missing in all)"
             )
-        vectors = vector_of_row[found.to_numpy(dtype=np.int64)]
-        if (vectors < 0).any():
-            first = int(np.argmax(vectors < 0))
-            row = int(found.iat[first])
+        column_rows = found.to_numpy(dtype=np.int64)
+        bad = ~usable[column_rows]
+        if bad.any() and policy == "fail":
+            first = int(np.argmax(bad))
+            row = column_rows[first]
             raise EvaluationError(
-                f"{source}:{pairs['line'].iat[first]}: image {pairs[column].iat[first]} has no "
-                f"embedding ({manifest['status'].iat[row]}: {manifest['reason'].iat[row]})"
+                f"{source}:{pairs['line'].iat[first]}: image {pairs[column].iat[first]} has no face to "
+                f"score ({manifest['status'].iat[row]}: {manifest['reason'].iat[row]}); "
+                "evaluate.unscorable: wrong counts such pairs as errors instead"
             )
-        indices.append(vectors)
-    return np.einsum("nd,nd->n", embeddings[indices[0]], embeddings[indices[1]])
+        unscorable |= bad
+        rows.append(column_rows)
+    return rows[0], rows[1], unscorable
+
+
+def cosine_of_pairs(
+    embeddings: np.ndarray, embedding_rows: np.ndarray, rows1: np.ndarray, rows2: np.ndarray
+) -> np.ndarray:
+    """Cosine of each pair from one model's (N, D) unit embeddings of manifest rows `embedding_rows`;
+    pairs touching a row without an embedding get NaN."""
+    position = np.full(
+        int(max(rows1.max(initial=0), rows2.max(initial=0), embedding_rows.max(initial=0))) + 1, -1
+    )
+    position[embedding_rows] = np.arange(len(embedding_rows))
+    first, second = position[rows1], position[rows2]
+    valid = (first >= 0) & (second >= 0)
+    scores = np.full(len(rows1), np.nan)
+    scores[valid] = np.einsum("nd,nd->n", embeddings[first[valid]], embeddings[second[valid]])
+    return scores
+
+
+@dataclass
+class _Scored:
+    """Scores of every scored pair (and view1's threshold pairs) under one embedding variant."""
+
+    scores: np.ndarray
+    threshold_scores: np.ndarray | None
 
 
 def run(
@@ -210,95 +267,192 @@ def run(
     aligned_dir: Path,
     embeddings_dir: Path,
     out_dir: Path,
+    models_dir: Path | None = None,
+    seed: int = 0,
 ) -> VerificationReport:
-    """Score the protocol's pairs and write metrics.json, roc.csv, scores.csv and the plots."""
+    """Score the protocol's pairs with each group's model; write metrics.json, CSVs and plots."""
+    protocol = plan(params, protocols_dir, seed)
     manifest = store.read_manifest(aligned_dir)
-    embeddings, rows, _ = load_embeddings(embeddings_dir)
-    threshold_file, scored_file = PROTOCOL_FILES[params.protocol]
-
-    def scored(name: str) -> tuple[pd.DataFrame, np.ndarray]:
-        path = _protocol_path(protocols_dir, name)
-        pairs = read_pairs(path)
-        return pairs, pair_scores(pairs, manifest, embeddings, rows, path)
-
-    pairs, scores = scored(scored_file)
-    same = pairs["same"].to_numpy(dtype=bool)
-    threshold_scores = threshold_same = None
-    if threshold_file is not None:
-        threshold_pairs, threshold_scores = scored(threshold_file)
-        threshold_same = threshold_pairs["same"].to_numpy(dtype=bool)
-    report = verify(
-        scores,
-        same,
-        pairs["fold"].to_numpy(),
-        params.far_target,
-        params.protocol,
-        threshold_scores,
-        threshold_same,
-    )
-    out_dir = Path(out_dir)
-    roc = roc_curve(scores, same)
-    # Each file appears whole under its name; metrics.json comes last, so it never describes
-    # plots and tables that aren't there.
-    with atomic_path(out_dir / ROC_FILE) as temp:
-        roc.replace([np.inf], 1.0).to_csv(temp, index=False)
-    with atomic_path(out_dir / SCORES_FILE) as temp:
-        table = pairs.assign(score=scores)[["fold", "path1", "path2", "same", "score"]]
-        table.to_csv(temp, index=False)
-    with atomic_path(out_dir / ROC_PLOT) as temp:
-        plot_roc(roc, report, temp)
-    with atomic_path(out_dir / HISTOGRAM_PLOT) as temp:
-        plot_score_histogram(scores, same, report.threshold, temp)
-    write_json(out_dir / METRICS_FILE, asdict(report))
-    logger.info(
-        "%s: accuracy %.4f ± %.4f, AUC %.4f, EER %.4f over %d pairs",
-        params.protocol,
-        report.accuracy_mean,
-        report.accuracy_std,
-        report.auc,
-        report.eer,
-        report.pairs,
-    )
+    rows1, rows2, unscorable = pair_rows(protocol.pairs, manifest, protocol.source, params.unscorable)
+    threshold_rows = None
+    if protocol.threshold_pairs is not None:
+        threshold_rows = pair_rows(
+            protocol.threshold_pairs, manifest, protocol.threshold_source, params.unscorable
+        )
+    groups = protocol.pairs["group"].to_numpy()
+    same = protocol.pairs["same"].to_numpy(dtype=bool)
+    primary = load_embeddings(embeddings_dir, group=0)[2]["primary"]
+    scored = {
+        variant: _score(protocol, embeddings_dir, variant, rows1, rows2, threshold_rows)
+        for variant in VARIANTS
+    }
+    reports = {}
+    for variant, result in scored.items():
+        _check_finite(result.scores, unscorable, embeddings_dir, variant)
+        threshold_same = None
+        if protocol.threshold_pairs is not None:
+            threshold_same = protocol.threshold_pairs["same"].to_numpy(dtype=bool)
+            threshold_unscorable = threshold_rows[2]
+            result.threshold_scores = np.where(
+                threshold_unscorable, np.where(threshold_same, -_WORST, _WORST), result.threshold_scores
+            )
+        reports[variant] = verify(
+            np.nan_to_num(result.scores),
+            same,
+            protocol.pairs["fold"].to_numpy(),
+            params.far_targets,
+            protocol.protocol,
+            groups,
+            result.threshold_scores,
+            threshold_same,
+            unscorable,
+        )
+    report = reports[primary]
+    _write_outputs(Path(out_dir), protocol, scored, reports, primary, unscorable, models_dir)
+    logger.info("%s", report.summary())
+    if report.unscorable_pairs:
+        logger.warning(
+            "%d pair(s) name an image that could not be read; they are counted as errors "
+            "(see scores.csv, column unscorable)",
+            report.unscorable_pairs,
+        )
     return report
 
 
-def plot_roc(roc: pd.DataFrame, report: VerificationReport, path: Path) -> None:
-    """ROC with a log-scale false accept axis, where verification systems are compared."""
-    figure = Figure(figsize=(5, 4), dpi=120)
-    axis = figure.subplots()
-    floor = 1.0 / max(2 * report.pairs, 1)  # log axis: show FAR = 0 at a small positive value
-    axis.plot(np.maximum(roc["fpr"], floor), roc["tpr"], lw=2)
-    axis.set_xscale("log")
-    axis.set_xlim(floor, 1.0)
-    axis.set_ylim(0, 1.01)
-    axis.set_xlabel("false accept rate")
-    axis.set_ylabel("true accept rate")
-    axis.set_title(f"{report.protocol}: AUC {report.auc:.4f}, acc {report.accuracy_mean:.4f}")
-    axis.grid(True, which="both", alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, format="png")
+def _score(
+    protocol: ProtocolPlan,
+    embeddings_dir: Path,
+    variant: str,
+    rows1: np.ndarray,
+    rows2: np.ndarray,
+    threshold_rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+) -> _Scored:
+    scores = np.full(len(rows1), np.nan)
+    groups = protocol.pairs["group"].to_numpy()
+    for group in range(protocol.groups):
+        vectors, embedding_rows, _ = load_embeddings(embeddings_dir, group=group, variant=variant)
+        mine = groups == group
+        scores[mine] = cosine_of_pairs(vectors, embedding_rows, rows1[mine], rows2[mine])
+    threshold_scores = None
+    if threshold_rows is not None:  # view1: one model
+        vectors, embedding_rows, _ = load_embeddings(embeddings_dir, group=0, variant=variant)
+        threshold_scores = cosine_of_pairs(vectors, embedding_rows, threshold_rows[0], threshold_rows[1])
+    return _Scored(scores, threshold_scores)
 
 
-def plot_score_histogram(scores: np.ndarray, same: np.ndarray, threshold: float, path: Path) -> None:
-    """Cosine of matched vs mismatched pairs, with the chosen threshold."""
-    figure = Figure(figsize=(5, 4), dpi=120)
-    axis = figure.subplots()
-    bins = np.linspace(-1, 1, 61)
-    axis.hist(scores[same], bins=bins, alpha=0.6, label="same person")
-    axis.hist(scores[~same], bins=bins, alpha=0.6, label="different people")
-    axis.axvline(threshold, color="k", ls="--", label=f"threshold {threshold:.3f}")
-    axis.set_xlabel("cosine similarity")
-    axis.set_ylabel("pairs")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, format="png")
-
-
-def _protocol_path(protocols_dir: Path, name: str) -> Path:
-    path = Path(protocols_dir) / name
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path}: protocol file not found; the download source set has no {name} "
-            "(choose another evaluate.protocol or add the file to download.<dataset>)"
+def _check_finite(scores: np.ndarray, unscorable: np.ndarray, embeddings_dir: Path, variant: str) -> None:
+    broken = ~np.isfinite(scores) & ~unscorable
+    if broken.any():
+        raise EvaluationError(
+            f"{embeddings_dir}: {int(broken.sum())} pair score(s) are not finite with the {variant} "
+            "embeddings (NaN or missing embeddings): re-run the embed stage, check the checkpoint"
         )
-    return path
+
+
+def _write_outputs(
+    out_dir: Path,
+    protocol: ProtocolPlan,
+    scored: dict[str, _Scored],
+    reports: dict[str, VerificationReport],
+    primary: str,
+    unscorable: np.ndarray,
+    models_dir: Path | None,
+) -> None:
+    """Each file appears whole under its name; metrics.json comes last, so it never describes plots and
+    tables that aren't there."""
+    report = reports[primary]
+    same = protocol.pairs["same"].to_numpy(dtype=bool)
+    scores = np.nan_to_num(scored[primary].scores)
+    curves = {f"{variant} ({'primary' if variant == primary else 'other'})": roc_curve(
+        np.nan_to_num(scored[variant].scores), same) for variant in scored}  # fmt: skip
+    roc = roc_curve(scores, same)
+    folds = pd.DataFrame([asdict(f) for f in report.folds]).assign(
+        model=lambda t: "group-" + t["group"].astype(str)
+    )
+    with atomic_path(out_dir / ROC_FILE) as temp:
+        roc.replace([np.inf], 1.0).to_csv(temp, index=False)
+    with atomic_path(out_dir / FOLDS_FILE) as temp:
+        folds.to_csv(temp, index=False)
+    with atomic_path(out_dir / SCORES_FILE) as temp:
+        table = protocol.pairs[["fold", "group", "path1", "path2", "same"]].assign(
+            **{f"score_{variant}": scored[variant].scores for variant in scored},
+            unscorable=unscorable,
+        )
+        table.to_csv(temp, index=False)
+    with atomic_path(out_dir / ROC_PLOT) as temp:
+        title = f"{report.protocol}: AUC {report.auc:.4f}, accuracy {report.accuracy_mean:.4f}"
+        plots.roc(curves, title, temp)
+    with atomic_path(out_dir / HISTOGRAM_PLOT) as temp:
+        plots.score_histogram(scores, same, report.threshold, temp)
+    with atomic_path(out_dir / FOLDS_PLOT) as temp:
+        plots.fold_accuracy(folds, report.accuracy_mean, temp)
+    angles = _training_angles(models_dir) if models_dir is not None else {}
+    if angles:
+        with atomic_path(out_dir / ANGLES_PLOT) as temp:
+            plots.angle_distributions(angles, temp)
+    other = next(v for v in reports if v != primary)
+    metrics: dict[str, Any] = {
+        "protocol": report.protocol,
+        "groups": protocol.groups,
+        "embedding": primary,
+        **report.scalars(),
+        f"with_{other}": reports[other].scalars(),
+        "folds": [asdict(f) | {"model": f"group-{f.group}"} for f in report.folds],
+    }
+    write_json(out_dir / METRICS_FILE, metrics)
+
+
+def _training_angles(models_dir: Path) -> dict[str, np.ndarray]:
+    """Angles (degrees) of each group model's training faces to their class centres, if recorded."""
+    from arcface.train import ANGLES_FILE
+
+    found = {}
+    for path in sorted(Path(models_dir).glob(f"group-*/{ANGLES_FILE}")):
+        found[path.parent.name] = np.load(path)
+    return found
+
+
+def verify_bin_set(
+    checkpoint: Path, path: Path, far_targets: tuple[float, ...] = (1e-3, 1e-2), batch_size: int = 128
+) -> dict[str, VerificationReport]:
+    """Score an insightface .bin set with a trained model, flip TTA on and off, under the standard
+    10-fold protocol (contiguous folds, as insightface splits them), so results compare with published
+    tables. Only meaningful for a model that never trained on the set's people."""
+    import torch
+
+    from arcface.data.binsets import load_bin
+    from arcface.device import autocast_dtype
+    from arcface.embed import embed_variants
+    from arcface.train import load_backbone
+
+    dataset = load_bin(path)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, payload = load_backbone(checkpoint, device)
+    amp = autocast_dtype(payload["train_params"]["amp"], device)
+    vectors = embed_variants(model.to(memory_format=torch.channels_last), dataset.faces, batch_size, amp)
+    pairs = len(dataset.same)
+    folds = np.arange(pairs) * 10 // pairs
+    reports = {}
+    for variant, embeddings in vectors.items():
+        scores = np.einsum("nd,nd->n", embeddings[0::2], embeddings[1::2])
+        reports[variant] = verify(scores, dataset.same, folds, far_targets, f"{dataset.name} ({variant})")
+    return reports
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """metrics.json as the two summary lines (for the flow's command line)."""
+    folds = [FoldResult(**{k: v for k, v in f.items() if k != "model"}) for f in metrics["folds"]]
+    tars = {k.removeprefix("tar_at_far_"): v for k, v in metrics.items() if k.startswith("tar_at_far_")}
+    report = VerificationReport(
+        protocol=metrics["protocol"],
+        pairs=metrics["pairs"],
+        accuracy_mean=metrics["accuracy_mean"],
+        accuracy_std=metrics["accuracy_std"],
+        threshold=metrics["threshold"],
+        auc=metrics["auc"],
+        eer=metrics["eer"],
+        tar_at_far=tars,
+        unscorable_pairs=metrics["unscorable_pairs"],
+        folds=folds,
+    )
+    return report.summary()

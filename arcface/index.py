@@ -96,7 +96,7 @@ def run(params: IndexParams, embeddings_dir: Path, aligned_dir: Path, out_dir: P
         "dimension": int(vectors.shape[1]),
         "count": int(index.ntotal),
         "checkpoint_sha256": embed_info["checkpoint_sha256"],
-        "flip": embed_info["flip"],
+        "flip": embed_info["primary"] == "flip",
     }
     with atomic_path(out_dir, directory=True) as temp:
         faiss.write_index(index, str(temp / INDEX_FILE))

@@ -39,12 +39,12 @@ class Layout:
 
     @property
     def model(self) -> Path:
-        """train: `checkpoint.pt`, `history.csv`, `split.json`."""
+        """train: `group-<g>/` (checkpoint.pt, history.csv, split.json, angles.npy) per model, groups.json."""
         return self.root / "models"
 
     @property
     def embeddings(self) -> Path:
-        """embed: `embeddings.npy` (N×D float32) and `rows.npy` (manifest row of each)."""
+        """embed: `group-<g>/` with `flip.npy`, `plain.npy` (N×D float32), `rows.npy`, `embed.json`."""
         return self.root / "data" / "embeddings"
 
     @property
@@ -54,5 +54,5 @@ class Layout:
 
     @property
     def reports(self) -> Path:
-        """evaluate: `metrics.json`, `roc.csv`, `scores.csv`, PNG plots; track: `mlflow_run.json`."""
+        """evaluate: `metrics.json`, `roc.csv`, `folds.csv`, `scores.csv`, PNG plots; track: its run id."""
         return self.root / "reports"

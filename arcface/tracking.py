@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,9 +31,8 @@ MODEL_REQUIREMENTS = ("torch", "torchvision", "numpy")
 class RunInputs:
     """Files of one pipeline run, as written by the stages."""
 
-    history: Path  # train: per-epoch metrics
+    models: Path  # train: group-<g>/ with history.csv, split.json, checkpoint.pt
     metrics: Path  # evaluate: metrics.json
-    checkpoint: Path
     align_summary: Path  # align: counts by status, throughput, landmark residual
     artifacts: tuple[Path, ...]  # plots and tables to attach
 
@@ -46,20 +46,17 @@ class TrackedRun:
 
 def run_inputs(model_dir: Path, reports_dir: Path, aligned_dir: Path) -> RunInputs:
     """The stage outputs a tracked run records (shared with the Prefect flow)."""
-    from arcface import evaluate, train
+    from arcface import evaluate
     from arcface.data import store
 
+    reports = Path(reports_dir)
     return RunInputs(
-        history=Path(model_dir) / train.HISTORY_FILE,
-        metrics=Path(reports_dir) / evaluate.METRICS_FILE,
-        checkpoint=Path(model_dir) / train.CHECKPOINT_FILE,
+        models=Path(model_dir),
+        metrics=reports / evaluate.METRICS_FILE,
         align_summary=Path(aligned_dir) / store.SUMMARY_FILE,
         artifacts=(
-            Path(reports_dir) / evaluate.ROC_PLOT,
-            Path(reports_dir) / evaluate.HISTOGRAM_PLOT,
-            Path(reports_dir) / evaluate.ROC_FILE,
-            Path(model_dir) / train.HISTORY_FILE,
-            Path(model_dir) / train.SPLIT_FILE,
+            *(reports / name for name in (evaluate.ROC_PLOT, evaluate.HISTOGRAM_PLOT, evaluate.FOLDS_PLOT)),
+            *(reports / name for name in (evaluate.ANGLES_PLOT, evaluate.ROC_FILE, evaluate.FOLDS_FILE)),
             Path(aligned_dir) / store.CONTACT_SHEET_FILE,
         ),
     )
@@ -73,30 +70,20 @@ def tracking_uri() -> str:
 def log_pipeline_run(
     params: Params, inputs: RunInputs, out_file: Path, tags: dict[str, str] | None = None
 ) -> TrackedRun:
-    """Record params, per-epoch and final metrics, plots and the model as one MLflow run."""
+    """Record one pipeline run: params, final metrics, plots and the model on the parent run; with
+    cross-training, one nested run per model with its training curves (else they go on the parent)."""
     import mlflow
+
+    from arcface.train import CHECKPOINT_FILE, HISTORY_FILE, SPLIT_FILE, group_dirs
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.set_experiment(params.tracking.experiment)
+    models = group_dirs(inputs.models)
     with mlflow.start_run(experiment_id=experiment.experiment_id, tags=tags or {}) as run:
         mlflow.log_params(flatten(params))
-        history = pd.read_csv(inputs.history)
-        for epoch in history.itertuples(index=False):
-            mlflow.log_metrics(
-                {
-                    "train_loss": epoch.loss,
-                    "train_accuracy": epoch.accuracy,
-                    "lr": epoch.lr,
-                    "images_per_second": epoch.images_per_second,
-                },
-                step=int(epoch.epoch),
-            )
         metrics = read_json(inputs.metrics)
-        mlflow.log_metrics(
-            {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-            | {f"fold_accuracy_{i}": a for i, a in enumerate(metrics.get("fold_accuracies", []))}
-        )
+        mlflow.log_metrics(_numbers(metrics) | _fold_metrics(metrics))
         if inputs.align_summary.exists():
             summary = read_json(inputs.align_summary)
             mlflow.log_metrics(
@@ -109,12 +96,58 @@ def log_pipeline_run(
         for artifact in (inputs.metrics, inputs.align_summary, *inputs.artifacts):
             if artifact.exists():
                 mlflow.log_artifact(str(artifact))
+        for folder in models:
+            history = pd.read_csv(folder / HISTORY_FILE)
+            if len(models) == 1:
+                _log_history(history)
+                mlflow.log_artifact(str(folder / SPLIT_FILE))
+                continue
+            with mlflow.start_run(run_name=folder.name, nested=True, tags={"group": folder.name}):
+                _log_history(history)
+                mlflow.log_artifact(str(folder / SPLIT_FILE))
+                mlflow.log_metrics(_fold_metrics(metrics, folder.name))
         if params.tracking.log_model:
-            _log_model(inputs.checkpoint, params.tracking.registered_model_name)
+            _log_model(models[0] / CHECKPOINT_FILE, params.tracking.registered_model_name)
     tracked = TrackedRun(run.info.run_id, experiment.experiment_id, uri)
     write_json(out_file, {"run_id": tracked.run_id, "experiment_id": tracked.experiment_id})
     logger.info("MLflow run %s in experiment %r (%s)", tracked.run_id, params.tracking.experiment, uri)
     return tracked
+
+
+def _log_history(history: pd.DataFrame) -> None:
+    import mlflow
+
+    for epoch in history.itertuples(index=False):
+        mlflow.log_metrics(
+            {
+                "train_loss": epoch.loss,
+                "train_accuracy": epoch.accuracy,
+                "lr": epoch.lr,
+                "images_per_second": epoch.images_per_second,
+            },
+            step=int(epoch.epoch),
+        )
+
+
+def _numbers(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Every numeric leaf of metrics.json, nested keys joined with '.' (MLflow keys allow '.')."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat |= _numbers(value, f"{prefix}{key}.")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = float(value)
+    return flat
+
+
+def _fold_metrics(metrics: dict[str, Any], model: str | None = None) -> dict[str, float]:
+    """Per-fold accuracy and threshold (of one model's folds, or all)."""
+    flat = {}
+    for fold in metrics.get("folds", []):
+        if model is None or fold["model"] == model:
+            flat[f"fold_{fold['fold']}_accuracy"] = fold["accuracy"]
+            flat[f"fold_{fold['fold']}_threshold"] = fold["threshold"]
+    return flat
 
 
 def _log_model(checkpoint: Path, registered_name: str | None) -> None:

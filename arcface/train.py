@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "history.csv"
 SPLIT_FILE = "split.json"
+ANGLES_FILE = "angles.npy"
+GROUPS_FILE = "groups.json"
 CHECKPOINT_FORMAT = 1
 
 
@@ -392,6 +394,28 @@ def load_backbone_weights(backbone: nn.Module, path: Path) -> None:
     logger.info("initialized the backbone from %s", path)
 
 
+def group_dirs(models_dir: Path) -> list[Path]:
+    """`models/group-0`, `group-1`, ...: one trained model per cross-training group."""
+    folders = sorted(Path(models_dir).glob("group-*"), key=lambda p: int(p.name.split("-")[1]))
+    if not folders:
+        raise FileNotFoundError(f"{models_dir}: no trained models (group-*/); run the train stage first")
+    return folders
+
+
+def training_angles(
+    backbone: nn.Module, head: NormalizedLinear, faces: np.ndarray, labels: np.ndarray, batch_size: int = 128
+) -> np.ndarray:
+    """(N,) degrees between each training face's embedding and its class centre (the course report's
+    figure: a margin loss pulls these angles down)."""
+    from arcface.embed import embed_faces
+
+    device = next(backbone.parameters()).device
+    embeddings = embed_faces(backbone, faces, batch_size, flip=False, amp=autocast_dtype("auto", device))
+    centres = torch.nn.functional.normalize(head.weight.detach().float().cpu(), dim=1).numpy()
+    cosine = np.einsum("nd,nd->n", embeddings, centres[labels])
+    return np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class TrainResult:
     checkpoint: Path
@@ -402,61 +426,89 @@ class TrainResult:
 def run(
     params: Params,
     aligned_dir: Path,
-    excluded_identities: set[str],
+    excluded_by_group: list[set[str]],
     out_dir: Path,
-    on_epoch: Callable[[EpochStats], None] | None = None,
-) -> TrainResult:
-    """Train on every usable face of every identity not in `excluded_identities`; write `out_dir`.
+    on_epoch: Callable[[int, EpochStats], None] | None = None,
+) -> list[TrainResult]:
+    """Train one model per group, each on every usable face of every identity not excluded for it;
+    write `out_dir/group-<g>/` (checkpoint, history, split, training angles) and `groups.json`.
 
-    The per-epoch checkpoint lives beside `out_dir` (`.<name>.progress/<key>/`) until training ends, so
+    Per-epoch checkpoints live beside `out_dir` (`.<name>.progress/<run>/`) until every model is done, so
     an interrupted run, even one whose outputs DVC removed, resumes from its last finished epoch.
     """
     aligned_dir, out_dir = Path(aligned_dir), Path(out_dir)
+    if not excluded_by_group:
+        raise ValueError("no model to train: excluded_by_group needs one set of identities per model")
     manifest = store.read_manifest(aligned_dir)
-    split = training_split(manifest, excluded_identities, params.train.min_images_per_identity)
-    if split.num_classes < 2:
-        raise ValueError(
-            f"{aligned_dir}: only {split.num_classes} identities can train "
-            f"({split.excluded_identities} are scored by the evaluation, {split.too_small_identities} "
-            f"have fewer than train.min_images_per_identity={params.train.min_images_per_identity} images)"
-        )
+    minimum = params.train.min_images_per_identity
+    splits = [training_split(manifest, excluded, minimum) for excluded in excluded_by_group]
+    for group, split in enumerate(splits):
+        if split.num_classes < 2:
+            raise ValueError(
+                f"{aligned_dir}: only {split.num_classes} identities can train model {group} "
+                f"({split.excluded_identities} are scored by it, {split.too_small_identities} have fewer "
+                f"than train.min_images_per_identity={minimum} images)"
+            )
     distributed = Distributed.from_environment(resolve_device(params.train.device).type)
-    faces = np.asarray(store.open_faces(aligned_dir)[split.rows])
-    progress = out_dir.parent / f".{out_dir.name}.progress" / _run_key(params, aligned_dir, split)
-    if distributed.main and progress.parent.exists():
-        for stale in progress.parent.iterdir():
-            if stale != progress:
+    all_faces = store.open_faces(aligned_dir)
+    root = out_dir.parent / f".{out_dir.name}.progress"
+    keys = [_run_key(params, aligned_dir, split) for split in splits]
+    if distributed.main and root.exists():
+        for stale in root.iterdir():
+            if stale.name not in keys:
                 remove(stale)  # progress of other data or params can never be resumed
-    state = fit(
-        params.train,
-        faces,
-        split.labels,
-        split.num_classes,
-        params.seed,
-        checkpoint=progress / CHECKPOINT_FILE,
-        extra={"classes": split.classes},
-        on_epoch=on_epoch,
-        distributed=distributed,
-    )
+    results = []
+    for group, (split, key) in enumerate(zip(splits, keys, strict=True)):
+        progress = root / key
+        faces = np.asarray(all_faces[split.rows])
+        if distributed.main and len(splits) > 1:
+            logger.info(
+                "model %d of %d: %d identities left out", group + 1, len(splits), split.excluded_identities
+            )
+        state = fit(
+            params.train,
+            faces,
+            split.labels,
+            split.num_classes,
+            params.seed + group,
+            checkpoint=progress / CHECKPOINT_FILE,
+            extra={"classes": split.classes, "group": group},
+            on_epoch=(lambda stats, group=group: on_epoch(group, stats)) if on_epoch else None,
+            distributed=distributed,
+        )
+        if distributed.main and not (progress / ANGLES_FILE).exists():
+            angles = training_angles(state.backbone, state.head, faces, split.labels)
+            with atomic_path(progress / ANGLES_FILE) as temp, open(temp, "wb") as handle:
+                np.save(handle, angles)
+        results.append(TrainResult(out_dir / f"group-{group}" / CHECKPOINT_FILE, state.history, split))
     if distributed.main:
         with atomic_path(out_dir, directory=True) as temp:
-            os.replace(progress / CHECKPOINT_FILE, temp / CHECKPOINT_FILE)
-            pd.DataFrame([asdict(s) for s in state.history]).to_csv(temp / HISTORY_FILE, index=False)
-            write_json(
-                temp / SPLIT_FILE,
-                {
-                    "faces": len(split.rows),
-                    "classes": split.num_classes,
-                    "identities": split.classes,
-                    "excluded_identities": split.excluded_identities,
-                    "too_small_identities": split.too_small_identities,
-                },
-            )
-        remove(progress.parent)
+            for group, (result, key) in enumerate(zip(results, keys, strict=True)):
+                _write_model_folder(temp / f"group-{group}", root / key, result)
+            write_json(temp / GROUPS_FILE, {"groups": len(results), "seed": params.seed})
+        remove(root)
     if distributed.world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return TrainResult(out_dir / CHECKPOINT_FILE, state.history, split)
+    return results
+
+
+def _write_model_folder(folder: Path, progress: Path, result: TrainResult) -> None:
+    folder.mkdir()
+    os.replace(progress / CHECKPOINT_FILE, folder / CHECKPOINT_FILE)
+    os.replace(progress / ANGLES_FILE, folder / ANGLES_FILE)
+    pd.DataFrame([asdict(s) for s in result.history]).to_csv(folder / HISTORY_FILE, index=False)
+    split = result.split
+    write_json(
+        folder / SPLIT_FILE,
+        {
+            "faces": len(split.rows),
+            "classes": split.num_classes,
+            "identities": split.classes,
+            "excluded_identities": split.excluded_identities,
+            "too_small_identities": split.too_small_identities,
+        },
+    )
 
 
 def _run_key(params: Params, aligned_dir: Path, split: TrainingSplit) -> str:

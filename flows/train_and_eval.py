@@ -22,7 +22,7 @@ from prefect.runtime import flow_run
 
 from arcface.cli import add_params_arguments
 from arcface.config import load_params, parse_override
-from arcface.evaluate import VerificationReport
+from arcface.evaluate import format_metrics
 from arcface.files import read_json
 from arcface.layout import Layout
 from tasks import stages
@@ -84,9 +84,15 @@ def _metrics_table(metrics: dict[str, Any], run_id: str, commit: str) -> str:
         ("accuracy", f"{metrics['accuracy_mean']:.4f} ± {metrics['accuracy_std']:.4f}"),
         ("ROC AUC", f"{metrics['auc']:.4f}"),
         ("EER", f"{metrics['eer']:.4f}"),
-        (f"TAR @ FAR={metrics['far_target']:g}", f"{metrics['tar_at_far']:.4f}"),
+        *(
+            (f"TAR @ FAR={k.removeprefix('tar_at_far_')}", f"{v:.4f}")
+            for k, v in metrics.items()
+            if k.startswith("tar_at_far_")
+        ),
         ("threshold", f"{metrics['threshold']:.4f}"),
         ("pairs", str(metrics["pairs"])),
+        ("models (cross-training groups)", str(metrics["groups"])),
+        *((f"fold {f['fold']}", f"{f['accuracy']:.4f} by {f['model']}") for f in metrics["folds"]),
         ("MLflow run", run_id),
         ("git commit", commit),
     ]
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train-and-eval failed: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
     layout = Layout()
-    print(VerificationReport(**metrics).summary())
+    print(format_metrics(metrics))
     print(f"metrics: {layout.reports / 'metrics.json'}, plots: {layout.reports}/*.png")
     run_id = read_json(layout.reports / "mlflow_run.json")["run_id"]
     print(f"MLflow run {run_id}: `make ui`, then http://127.0.0.1:5000")

@@ -14,6 +14,7 @@ from arcface import embed, evaluate, index, tracking, train
 from arcface.config import Params
 from arcface.data import align, lfw
 from arcface.layout import Layout
+from arcface.protocol import training_exclusions
 
 
 def _network_failure(task: Any, task_run: Any, state: Any) -> bool:
@@ -43,13 +44,14 @@ def align_faces(params: Params, layout: Layout) -> Path:
 
 @task(name="train")
 def train_model(params: Params, layout: Layout) -> Path:
-    excluded = evaluate.scored_identities(layout.protocols, params.evaluate.protocol)
-    return train.run(params, layout.aligned, excluded, layout.model).checkpoint
+    excluded = training_exclusions(params.evaluate, layout.protocols, params.seed)
+    train.run(params, layout.aligned, excluded, layout.model)
+    return layout.model
 
 
 @task(name="embed")
 def embed_faces(params: Params, layout: Layout) -> Path:
-    embed.run(params.embed, layout.aligned, layout.model / train.CHECKPOINT_FILE, layout.embeddings)
+    embed.run(params.embed, layout.aligned, layout.model, layout.embeddings)
     return layout.embeddings
 
 
@@ -61,7 +63,15 @@ def build_index(params: Params, layout: Layout) -> Path:
 
 @task(name="evaluate")
 def evaluate_model(params: Params, layout: Layout) -> Path:
-    evaluate.run(params.evaluate, layout.protocols, layout.aligned, layout.embeddings, layout.reports)
+    evaluate.run(
+        params.evaluate,
+        layout.protocols,
+        layout.aligned,
+        layout.embeddings,
+        layout.reports,
+        layout.model,
+        params.seed,
+    )
     return layout.reports / evaluate.METRICS_FILE
 
 

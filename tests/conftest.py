@@ -48,23 +48,33 @@ def sample_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target / "lfw-sample"
 
 
-@pytest.fixture(scope="session")
-def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, sample_images: Path) -> dict[str, Path]:
-    """A smaller LFW of real faces in LFW's formats: an archive and a View-2-shaped `pairs.txt`
-    with the sample's first two folds, plus ten training people not in any pair."""
-    folder = tmp_path_factory.mktemp("tiny")
+def cut_dataset(folder: Path, sample_images: Path, folds: int, train_people: int) -> dict[str, Path]:
+    """A smaller LFW of real faces in LFW's formats: an archive and a View-2-shaped `pairs.txt` with the
+    sample's first `folds` folds, plus `train_people` training people who are in no pair."""
     lines = SAMPLE_PAIRS.read_text().splitlines()
     per_fold = int(lines[0].split()[1])
-    kept = lines[1 : 1 + TINY_FOLDS * 2 * per_fold]
+    kept = lines[1 : 1 + folds * 2 * per_fold]
     pair_people = {field for line in kept for field in line.split("\t") if not field.isdigit()}
     all_pair_people = {f for line in lines[1:] for f in line.split("\t") if not f.isdigit()}
     people = sorted(p.name for p in sample_images.iterdir())
-    train_people = [p for p in people if p not in all_pair_people][:TINY_TRAIN_PEOPLE]
-    (folder / "pairs.txt").write_text(f"{TINY_FOLDS}\t{per_fold}\n" + "\n".join(kept) + "\n")
-    with tarfile.open(folder / "lfw-tiny.tgz", "w:gz") as archive:
-        for person in sorted(pair_people | set(train_people)):
-            archive.add(sample_images / person, arcname=f"lfw-tiny/{person}")
-    return {"archive": folder / "lfw-tiny.tgz", "pairs": folder / "pairs.txt"}
+    trainers = [p for p in people if p not in all_pair_people][:train_people]
+    (folder / "pairs.txt").write_text(f"{folds}\t{per_fold}\n" + "\n".join(kept) + "\n")
+    with tarfile.open(folder / "lfw-cut.tgz", "w:gz") as archive:
+        for person in sorted(pair_people | set(trainers)):
+            archive.add(sample_images / person, arcname=f"lfw-cut/{person}")
+    return {"archive": folder / "lfw-cut.tgz", "pairs": folder / "pairs.txt"}
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, sample_images: Path) -> dict[str, Path]:
+    """The sample's first two folds (20 people in pairs) and ten training people: 80 faces."""
+    return cut_dataset(tmp_path_factory.mktemp("tiny"), sample_images, TINY_FOLDS, TINY_TRAIN_PEOPLE)
+
+
+@pytest.fixture(scope="session")
+def ten_fold_dataset(tmp_path_factory: pytest.TempPathFactory, sample_images: Path) -> dict[str, Path]:
+    """All ten folds of the sample's pairs (50 people) and ten training people: 240 faces."""
+    return cut_dataset(tmp_path_factory.mktemp("ten-fold"), sample_images, 10, TINY_TRAIN_PEOPLE)
 
 
 def tiny_params(dataset: dict[str, Path], **train: object) -> dict:

@@ -1,23 +1,32 @@
-"""Verification metrics: exact thresholds, held-out folds, ROC numbers, and pairs that can't be scored."""
+"""Verification metrics: exact thresholds, held-out folds, cross-training groups, ROC numbers against
+sklearn, unscorable pairs, user CSVs and insightface .bin sets."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_curve as sklearn_roc_curve
 
+from arcface.config import EvaluateParams
+from arcface.data.binsets import BinSetError, load_bin, write_bin
 from arcface.evaluate import (
     EvaluationError,
     accuracy_at,
     best_threshold,
-    pair_scores,
+    cosine_of_pairs,
+    pair_rows,
     roc_curve,
     roc_summary,
     verify,
 )
+from arcface.protocol import plan, read_pairs_csv, training_exclusions
+
+SAMPLE_PAIRS = Path(__file__).parent / "data" / "sample" / "pairs.txt"
 
 
 def brute_force_best(scores: np.ndarray, same: np.ndarray) -> float:
@@ -25,14 +34,20 @@ def brute_force_best(scores: np.ndarray, same: np.ndarray) -> float:
     return max(accuracy_at(scores, same, t) for t in candidates)
 
 
+def separated(seed: int, pairs: int = 600, gap: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic scores with a known separation: matched ~ N(gap, 1), mismatched ~ N(0, 1)."""
+    rng = np.random.default_rng(seed)
+    same = rng.random(pairs) < 0.5
+    return rng.normal(same * gap, 1.0), same
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_best_threshold_is_the_exact_optimum(seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    same = rng.random(200) < 0.5
-    scores = np.round(rng.normal(same * 0.4, 0.3), 2)  # rounding makes ties
+    scores, same = separated(seed, 200)
+    scores = np.round(scores, 1)  # rounding makes ties
     threshold, accuracy = best_threshold(scores, same)
-    assert accuracy == pytest.approx(brute_force_best(scores, same))
-    assert accuracy_at(scores, same, threshold) == pytest.approx(accuracy)
+    assert accuracy == pytest.approx(brute_force_best(scores, same), abs=1e-12)
+    assert accuracy_at(scores, same, threshold) == pytest.approx(accuracy, abs=1e-12)
 
 
 def test_separable_scores_give_perfect_accuracy_with_threshold_between() -> None:
@@ -43,60 +58,92 @@ def test_separable_scores_give_perfect_accuracy_with_threshold_between() -> None
     assert threshold == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_roc_and_auc_match_sklearn(seed: int) -> None:
+    scores, same = separated(seed)
+    roc = roc_curve(scores, same)
+    fpr, tpr, _ = sklearn_roc_curve(same, scores, drop_intermediate=False)
+    assert np.allclose(roc["fpr"], fpr, atol=1e-12) and np.allclose(roc["tpr"], tpr, atol=1e-12)
+    auc, eer, tars = roc_summary(roc, (1e-3, 1e-2))
+    assert auc == pytest.approx(roc_auc_score(same, scores), abs=1e-9)
+    assert tars["0.01"] == pytest.approx(tpr[fpr <= 0.01].max(), abs=1e-12)
+    frr_at_eer = 1 - np.interp(eer, roc["fpr"], roc["tpr"])
+    assert frr_at_eer == pytest.approx(eer, abs=0.01)  # where false accepts equal false rejects
+
+
 def test_folds_use_thresholds_from_the_other_folds() -> None:
     # Fold 1's own optimum would be 0.5, but folds 0 and 2 put its threshold at 0.35 (halfway
     # between 0.2 and 0.5), so fold 1 loses its 0.4 pair. Folds 0 and 2 get 0.45 from the rest.
     scores = np.array([0.2, 0.5, 0.3, 0.6, 0.4, 0.7, 0.2, 0.5])
     same = np.array([False, True, False, True, False, True, False, True])
     folds = np.array([0, 0, 1, 1, 1, 1, 2, 2])
-    report = verify(scores, same, folds, 1e-3, "view2")
-    assert report.fold_thresholds == pytest.approx([0.45, 0.35, 0.45])
+    report = verify(scores, same, folds, (1e-3,), "view2")
+    assert [f.threshold for f in report.folds] == pytest.approx([0.45, 0.35, 0.45])
     assert report.fold_accuracies == pytest.approx([1.0, 0.75, 1.0])
     assert report.accuracy_mean == pytest.approx(np.mean([1.0, 0.75, 1.0]))
     assert report.accuracy_std == pytest.approx(np.std([1.0, 0.75, 1.0]))
 
 
+def test_cross_trained_folds_take_thresholds_from_their_own_group_only() -> None:
+    # Group 0 (folds 0, 1) separates at 0.5; group 1 (folds 2, 3) at -0.5: each group's folds must use
+    # their own group's threshold, or every fold of the other group would be wrong.
+    scores = np.array([0.4, 0.6, 0.3, 0.7, -0.6, -0.4, -0.7, -0.3])
+    same = np.array([False, True, False, True, False, True, False, True])
+    folds = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    groups = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    report = verify(scores, same, folds, (1e-3,), "view2", groups)
+    assert report.fold_accuracies == [1.0, 1.0, 1.0, 1.0]
+    assert [f.group for f in report.folds] == [0, 0, 1, 1]
+    assert report.folds[0].threshold > 0 > report.folds[2].threshold
+
+
 def test_view1_threshold_comes_from_the_training_pairs() -> None:
     train_scores, train_same = np.array([0.1, 0.3, 0.5, 0.7]), np.array([False, False, True, True])
     scores, same = np.array([0.35, 0.45, 0.6]), np.array([False, True, True])
-    report = verify(scores, same, np.zeros(3), 1e-3, "view1", train_scores, train_same)
-    assert report.fold_thresholds == pytest.approx([0.4])
+    report = verify(scores, same, np.zeros(3), (1e-3,), "view1", None, train_scores, train_same)
+    assert [f.threshold for f in report.folds] == pytest.approx([0.4])
     assert report.accuracy_mean == pytest.approx(1.0)
 
 
-def test_roc_auc_matches_sklearn_and_eer_is_where_error_rates_cross() -> None:
-    rng = np.random.default_rng(3)
-    same = rng.random(500) < 0.5
-    scores = rng.normal(same * 1.0, 1.0)
-    roc = roc_curve(scores, same)
-    auc, eer, tar = roc_summary(roc, far_target=0.01)
-    assert auc == pytest.approx(roc_auc_score(same, scores), abs=1e-9)
-    assert roc["fpr"].is_monotonic_increasing and roc["tpr"].is_monotonic_increasing
-    # At the EER the false accept rate equals the false reject rate (on the interpolated curve).
-    frr_at_eer = 1 - np.interp(eer, roc["fpr"], roc["tpr"])
-    assert frr_at_eer == pytest.approx(eer, abs=0.01)
-    assert 0.25 < eer < 0.4  # two unit Gaussians one sigma apart: EER = Φ(-0.5) ≈ 0.31
-    assert tar == roc.loc[roc["fpr"] <= 0.01, "tpr"].max()
+def test_unscorable_pairs_count_as_errors_whatever_the_threshold() -> None:
+    scores, same = np.array([0.9, 0.8, 0.1, 0.2, 0.95, 0.05]), np.array([1, 1, 0, 0, 1, 0], bool)
+    unscorable = np.array([False, False, False, False, True, True])
+    report = verify(
+        scores, same, np.array([0, 0, 0, 1, 1, 1]), (1e-3,), "view2", None, None, None, unscorable
+    )
+    assert report.unscorable_pairs == 2
+    assert report.accuracy_mean == pytest.approx((1.0 + 1 / 3) / 2)  # fold 1: both unscorable are wrong
 
 
 def test_perfect_scores() -> None:
     scores = np.array([0.9, 0.8, 0.1, 0.2])
     same = np.array([True, True, False, False])
-    auc, eer, tar = roc_summary(roc_curve(scores, same), 1e-3)
-    assert (auc, eer, tar) == (1.0, 0.0, 1.0)
+    auc, eer, tars = roc_summary(roc_curve(scores, same), (1e-3,))
+    assert (auc, eer, tars["0.001"]) == (1.0, 0.0, 1.0)
 
 
-def manifest_and_embeddings() -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-    manifest = pd.DataFrame(
+def test_ten_fold_protocol_on_6000_pairs_is_exact() -> None:
+    scores, same = separated(11, 6000, gap=2.0)
+    folds = np.repeat(np.arange(10), 600)
+    report = verify(scores, same, folds, (1e-3, 1e-2), "view2")
+    for result in report.folds:
+        held = folds == result.fold
+        best = brute_force_best(scores[~held], same[~held])
+        assert accuracy_at(scores[~held], same[~held], result.threshold) == pytest.approx(best, abs=1e-12)
+
+
+# -- pairs against the aligned store --------------------------------------------------------------
+
+
+def manifest() -> pd.DataFrame:
+    return pd.DataFrame(
         {
             "path": ["A/A_0001.jpg", "A/A_0002.jpg", "B/B_0001.jpg", "C/C_0001.jpg"],
             "identity": ["A", "A", "B", "C"],
-            "status": ["ok", "ok", "ok", "error"],
-            "reason": ["", "", "", "unreadable image: truncated"],
+            "status": ["ok", "ok", "fallback", "error"],
+            "reason": ["", "", "no face found", "unreadable image: truncated"],
         }
     )
-    embeddings = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]], dtype=np.float32)
-    return manifest, embeddings, np.array([0, 1, 2])
 
 
 def pairs(rows: list[tuple[str, str, bool]]) -> pd.DataFrame:
@@ -111,21 +158,124 @@ def pairs(rows: list[tuple[str, str, bool]]) -> pd.DataFrame:
     )
 
 
-def test_pair_scores_are_cosines() -> None:
-    manifest, embeddings, rows = manifest_and_embeddings()
+def test_pair_scores_are_cosines_of_manifest_rows() -> None:
     table = pairs([("A/A_0001.jpg", "A/A_0002.jpg", True), ("A/A_0002.jpg", "B/B_0001.jpg", False)])
-    assert pair_scores(table, manifest, embeddings, rows, Path("p.txt")) == pytest.approx([0.6, 0.8])
+    rows1, rows2, unscorable = pair_rows(table, manifest(), Path("p.txt"))
+    embeddings = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    scores = cosine_of_pairs(embeddings, np.array([0, 1, 2]), rows1, rows2)
+    assert scores == pytest.approx([0.6, 0.8])
+    assert not unscorable.any()  # a fallback face is still a face
 
 
 def test_pair_naming_a_missing_image_is_an_error_with_file_and_line() -> None:
-    manifest, embeddings, rows = manifest_and_embeddings()
     table = pairs([("A/A_0001.jpg", "A/A_0002.jpg", True), ("A/A_0001.jpg", "Z/Z_0003.jpg", False)])
     with pytest.raises(EvaluationError, match=r"pairs\.txt:3: image Z/Z_0003\.jpg is not in"):
-        pair_scores(table, manifest, embeddings, rows, Path("pairs.txt"))
+        pair_rows(table, manifest(), Path("pairs.txt"))
 
 
-def test_pair_naming_an_unreadable_image_says_why() -> None:
-    manifest, embeddings, rows = manifest_and_embeddings()
-    table = pairs([("C/C_0001.jpg", "A/A_0002.jpg", False)])
-    with pytest.raises(EvaluationError, match=r"C/C_0001\.jpg has no embedding \(error: unreadable"):
-        pair_scores(table, manifest, embeddings, rows, Path("pairs.txt"))
+def test_pair_naming_an_unreadable_image_is_counted_or_fails_by_policy() -> None:
+    table = pairs([("C/C_0001.jpg", "A/A_0002.jpg", False), ("A/A_0001.jpg", "A/A_0002.jpg", True)])
+    _, _, unscorable = pair_rows(table, manifest(), Path("pairs.txt"), "wrong")
+    assert unscorable.tolist() == [True, False]
+    with pytest.raises(EvaluationError, match=r"pairs\.txt:2: image C/C_0001\.jpg has no face to score"):
+        pair_rows(table, manifest(), Path("pairs.txt"), "fail")
+
+
+# -- protocols --------------------------------------------------------------------------------------
+
+
+def protocols_dir(tmp_path: Path) -> Path:
+    (tmp_path / "pairs.txt").write_text(SAMPLE_PAIRS.read_text())
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("groups", "expected"), [(1, [list(range(10))]), (2, [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])]
+)
+def test_cross_training_groups_split_the_folds(tmp_path: Path, groups: int, expected: list) -> None:
+    protocol = plan(EvaluateParams(groups=groups), protocols_dir(tmp_path))
+    assert [protocol.folds_of(g) for g in range(protocol.groups)] == expected
+    excluded = training_exclusions(EvaluateParams(groups=groups), protocols_dir(tmp_path))
+    assert len(excluded) == groups
+    everyone = set().union(*excluded)
+    for group, names in enumerate(excluded):
+        scored = protocol.pairs[protocol.pairs["group"] == group]
+        assert names == set(scored["name1"]) | set(scored["name2"])
+        # A model is blind to its own group's people and may train on everyone else's.
+        assert names != everyone or groups == 1
+
+
+def test_too_many_groups_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="each group needs at least 2 folds"):
+        plan(EvaluateParams(groups=6), protocols_dir(tmp_path))
+    with pytest.raises(ValueError, match=r"needs evaluate\.protocol: view2"):
+        plan(EvaluateParams(protocol="view1", groups=2), tmp_path)
+
+
+def test_user_csv_pairs(tmp_path: Path) -> None:
+    csv = tmp_path / "mine.csv"
+    csv.write_text(
+        "path1,path2,same\n" + "A/1.jpg,A/2.jpg,1\nA/1.jpg,B/1.jpg,false\nB/1.jpg,B/2.jpg,True\n" * 4
+    )
+    table = read_pairs_csv(csv, folds=3, seed=0)
+    assert table["same"].tolist() == [True, False, True] * 4
+    assert sorted(table["fold"].value_counts().tolist()) == [4, 4, 4]
+    assert set(table["name1"]) == {"A", "B"}
+    csv.write_text("path1,path2,same\nA/1.jpg,A/2.jpg,maybe\n")
+    with pytest.raises(ValueError, match=r"mine\.csv:2: `same` must be 1/0 or true/false"):
+        read_pairs_csv(csv, 3, 0)
+    csv.write_text("first,second\nA/1.jpg,A/2.jpg\n")
+    with pytest.raises(ValueError, match="missing column"):
+        read_pairs_csv(csv, 3, 0)
+
+
+# -- insightface .bin sets ---------------------------------------------------------------------------
+
+
+def test_python3_protocol_2_pickles_still_load(tmp_path: Path) -> None:
+    faces = np.zeros((2, 112, 112, 3), dtype=np.uint8)
+    write_bin(tmp_path / "a.bin", faces, [True])
+    images, same = pickle.loads((tmp_path / "a.bin").read_bytes())
+    (tmp_path / "b.bin").write_bytes(pickle.dumps((images, same), protocol=2))  # bytes via _codecs.encode
+    assert load_bin(tmp_path / "b.bin").same.tolist() == [True]
+
+
+def test_bin_set_round_trip(tmp_path: Path) -> None:
+    ramp = np.linspace(0, 120, 112)
+    faces = np.stack([np.stack([np.add.outer(ramp / (k + 1), ramp)] * 3, -1) for k in range(4)])
+    faces = faces.astype(np.uint8)  # smooth gradients: JPEG keeps them almost exactly
+    write_bin(tmp_path / "lfw.bin", faces, [True, False])
+    loaded = load_bin(tmp_path / "lfw.bin")
+    assert loaded.faces.shape == (4, 112, 112, 3) and loaded.same.tolist() == [True, False]
+    assert np.abs(loaded.faces.astype(int) - faces).mean() < 4  # the same images, through JPEG
+
+
+class _Exploit:
+    """Unpickling this would call os.system: the loader must refuse it without running it."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch pwned-by-pickle",))
+
+
+def test_malicious_pickle_is_refused_without_running_code(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with open(tmp_path / "evil.bin", "wb") as handle:
+        pickle.dump(([b"x", b"y"], [_Exploit()]), handle)
+    with pytest.raises(
+        BinSetError, match=r"evil\.bin: refused .*posix\.system|evil\.bin: refused .*os\.system"
+    ):
+        load_bin(tmp_path / "evil.bin")
+    assert not (tmp_path / "pwned-by-pickle").exists()
+
+
+def test_bin_set_of_the_wrong_shape_is_refused(tmp_path: Path) -> None:
+    faces = np.zeros((2, 96, 112, 3), dtype=np.uint8)
+    write_bin(tmp_path / "odd.bin", faces, [True])
+    with pytest.raises(BinSetError, match=r"odd\.bin: image 0 is 112×96, expected 112×112"):
+        load_bin(tmp_path / "odd.bin")
+    with open(tmp_path / "count.bin", "wb") as handle:
+        pickle.dump(([b"a", b"b", b"c"], [True]), handle)
+    with pytest.raises(BinSetError, match=r"3 images for 1 pairs"):
+        load_bin(tmp_path / "count.bin")

@@ -39,16 +39,18 @@ def test_cli_stages_end_to_end_with_mlflow(
     assert len(manifest) == 80 and (manifest["status"] == "ok").all()
 
     # Honest evaluation: no identity in the scored pairs was a training class.
-    split = read_json(workspace / "models/split.json")
+    split = read_json(workspace / "models/group-0/split.json")
     scored = set(read_pairs(workspace / "data/raw/protocols/pairs.txt")[["name1", "name2"]].stack())
     assert split["classes"] == 10 and not scored & set(split["identities"])
 
-    embeddings = np.load(workspace / "data/embeddings/embeddings.npy")
+    embeddings = np.load(workspace / "data/embeddings/group-0/flip.npy")
     assert embeddings.shape == (80, 512)
     assert np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
 
     metrics = read_json(workspace / "reports/metrics.json")
-    assert metrics["pairs"] == 40 and len(metrics["fold_accuracies"]) == 2
+    assert metrics["pairs"] == 40 and len(metrics["folds"]) == 2 and metrics["groups"] == 1
+    assert {"accuracy_mean", "auc", "eer", "tar_at_far_0.001", "tar_at_far_0.01"} <= set(metrics)
+    assert metrics["embedding"] == "flip" and "accuracy_mean" in metrics["with_plain"]
     assert 0.0 <= metrics["accuracy_mean"] <= 1.0 and 0.0 <= metrics["auc"] <= 1.0
     roc = pd.read_csv(workspace / "reports/roc.csv")
     assert roc["fpr"].iloc[-1] == 1.0 and roc["tpr"].iloc[-1] == 1.0
@@ -64,7 +66,8 @@ def test_cli_stages_end_to_end_with_mlflow(
     assert run.data.metrics["accuracy_mean"] == pytest.approx(metrics["accuracy_mean"])
     assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1]
     artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"roc.png", "scores.png", "metrics.json", "contact_sheet.png", "summary.json"} <= artifacts
+    expected = {"roc.png", "scores.png", "folds.png", "angles.png", "metrics.json", "contact_sheet.png"}
+    assert expected | {"summary.json", "split.json", "folds.csv", "roc.csv"} <= artifacts
     assert run.data.metrics["align_ok"] == 80 and run.data.metrics["align_mean_residual"] > 0
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert any(m.source_run_id == run_id for m in models)
@@ -87,6 +90,46 @@ def test_cli_stages_end_to_end_with_mlflow(
     assert "1 of 2 photos could not be answered" in out.err
 
 
+def test_cross_trained_run_scores_each_fold_with_the_model_blind_to_it(
+    tmp_path: Path, ten_fold_dataset: dict[str, Path], monkeypatch
+) -> None:
+    params = tiny_params(ten_fold_dataset, backbone="iresnet18")
+    params["evaluate"]["groups"] = 2
+    workspace = make_workspace(tmp_path / "ws", params)
+    monkeypatch.chdir(workspace)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
+    for stage in ("download", "align", "train", "embed", "index", "evaluate", "track"):
+        assert run_cli(stage) == 0, stage
+
+    scored = read_pairs(workspace / "data/raw/protocols/pairs.txt")
+    people = [
+        set(scored[scored["fold"].isin(folds)][["name1", "name2"]].stack())
+        for folds in ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9])
+    ]
+    for group in (0, 1):
+        trained = set(read_json(workspace / f"models/group-{group}/split.json")["identities"])
+        assert not trained & people[group]  # blind to the people it scores
+        assert people[1 - group] <= trained  # but trained on the other group's people
+    metrics = read_json(workspace / "reports/metrics.json")
+    assert metrics["groups"] == 2
+    assert [(f["fold"], f["model"]) for f in metrics["folds"]] == [
+        (fold, f"group-{fold // 5}") for fold in range(10)
+    ]
+    folds = pd.read_csv(workspace / "reports/folds.csv")
+    assert folds["model"].tolist() == [f"group-{fold // 5}" for fold in range(10)]
+
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    parent = read_json(workspace / "reports/mlflow_run.json")["run_id"]
+    children = client.search_runs(
+        [client.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'"
+    )
+    assert sorted(run.info.run_name for run in children) == ["group-0", "group-1"]
+    for child in children:
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")] == [1]
+
+
 def test_torchrun_two_processes_train_a_checkpoint_that_evaluates(
     tmp_path: Path, tiny_dataset: dict[str, Path], monkeypatch
 ) -> None:
@@ -98,7 +141,7 @@ def test_torchrun_two_processes_train_a_checkpoint_that_evaluates(
                "-m", "arcface.cli", "train", "--set", "train.epochs=2"]  # fmt: skip
     finished = subprocess.run(command, cwd=workspace, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
-    history = pd.read_csv(workspace / "models/history.csv")
+    history = pd.read_csv(workspace / "models/group-0/history.csv")
     assert history["epoch"].tolist() == [1, 2]
     for stage in ("embed", "index", "evaluate"):
         assert run_cli(stage) == 0, stage
@@ -180,7 +223,7 @@ def test_dvc_repro_twice_then_flow_in_process_skips_everything(
     # The Prefect flow sees DVC's record and recomputes nothing either.
     from flows.train_and_eval import train_and_eval
 
-    checkpoint = workspace / "models/checkpoint.pt"
+    checkpoint = workspace / "models/group-0/checkpoint.pt"
     before = checkpoint.stat().st_mtime_ns
     run_file = read_json(workspace / "reports/mlflow_run.json")
     monkeypatch.chdir(workspace)

@@ -293,17 +293,19 @@ def test_train_stage_resumes_an_interrupted_run(aligned_tiny: Path, tmp_path: Pa
     out = tmp_path / "models"
     interrupt_at(2, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
-        train.run(params, aligned_tiny, set(), out)
+        train.run(params, aligned_tiny, [set()], out)
     assert not out.exists()  # nothing that looks finished
     progress = list((tmp_path / ".models.progress").glob("*/checkpoint.pt"))
     assert len(progress) == 1 and load_checkpoint(progress[0])["epoch"] == 1
     monkeypatch.undo()
 
     epochs_run = []
-    result = train.run(
-        params, aligned_tiny, set(), out, on_epoch=lambda stats: epochs_run.append(stats.epoch)
+    (result,) = train.run(
+        params, aligned_tiny, [set()], out, on_epoch=lambda group, stats: epochs_run.append(stats.epoch)
     )
     assert epochs_run == [2]  # epoch 1 came from the interrupted run
     assert [s.epoch for s in result.history] == [1, 2]
-    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+    assert load_checkpoint(out / "group-0" / "checkpoint.pt")["epoch"] == 2
+    angles = np.load(out / "group-0" / "angles.npy")
+    assert len(angles) == len(result.split.rows) and 0 < angles.mean() < 120
     assert not (tmp_path / ".models.progress").exists()

@@ -1,0 +1,80 @@
+"""The figures people look at: ROC, score histograms, per-fold accuracy, and angles to class centres.
+
+Matplotlib's `Figure` is used directly (no pyplot): files only, no GUI backend, no global state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+
+def roc(curves: Mapping[str, pd.DataFrame], title: str, path: Path) -> None:
+    """ROC curves (true vs false accept rate) with a log-scale FAR axis, where systems are compared."""
+    figure = Figure(figsize=(5.5, 4.2), dpi=120)
+    axis = figure.subplots()
+    smallest = min(1.0 / max(len(c), 2) for c in curves.values())
+    floor = max(smallest / 10, 1e-6)  # FAR = 0 drawn at a small positive value on the log axis
+    for label, curve in curves.items():
+        axis.plot(np.maximum(curve["fpr"], floor), curve["tpr"], lw=2, label=label)
+    axis.set_xscale("log")
+    axis.set_xlim(floor, 1.0)
+    axis.set_ylim(0, 1.01)
+    axis.set_xlabel("false accept rate")
+    axis.set_ylabel("true accept rate")
+    axis.set_title(title)
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+
+
+def score_histogram(scores: np.ndarray, same: np.ndarray, threshold: float, path: Path) -> None:
+    """Cosine of matched vs mismatched pairs, with the chosen threshold."""
+    figure = Figure(figsize=(5.5, 4.2), dpi=120)
+    axis = figure.subplots()
+    bins = np.linspace(-1, 1, 61)
+    axis.hist(scores[same], bins=bins, alpha=0.6, label="same person")
+    axis.hist(scores[~same], bins=bins, alpha=0.6, label="different people")
+    axis.axvline(threshold, color="k", ls="--", label=f"threshold {threshold:.3f}")
+    axis.set_xlabel("cosine similarity")
+    axis.set_ylabel("pairs")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+
+
+def fold_accuracy(folds: pd.DataFrame, mean: float, path: Path) -> None:
+    """Accuracy of every fold, coloured by the model (cross-training group) that scored it."""
+    figure = Figure(figsize=(5.5, 3.6), dpi=120)
+    axis = figure.subplots()
+    colours = [f"C{group}" for group in folds["group"]]
+    axis.bar(folds["fold"].astype(str), folds["accuracy"], color=colours)
+    axis.axhline(mean, color="k", ls="--", lw=1, label=f"mean {mean:.4f}")
+    low = max(0.0, float(folds["accuracy"].min()) - 0.05)
+    axis.set_ylim(low, 1.0)
+    axis.set_xlabel("fold (colour: model / group)")
+    axis.set_ylabel("accuracy")
+    axis.legend(loc="best", framealpha=0.9)
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+
+
+def angle_distributions(angles: Mapping[str, np.ndarray], path: Path) -> None:
+    """The course report's figure: angles (degrees) between training embeddings and their class centres,
+    one panel per model, side by side on one scale. Margin losses pull the mass towards 0."""
+    figure = Figure(figsize=(4.5 * len(angles), 3.6), dpi=120)
+    axes = np.atleast_1d(figure.subplots(1, len(angles), sharex=True, sharey=True))
+    bins = np.linspace(0, 120, 61)
+    for axis, (label, values) in zip(axes, angles.items(), strict=True):
+        axis.hist(values, bins=bins, color="C0", alpha=0.8)
+        axis.axvline(float(np.median(values)), color="k", ls="--", lw=1)
+        axis.set_title(f"{label}: median {np.median(values):.1f}°")
+        axis.set_xlabel("angle to class centre (degrees)")
+    axes[0].set_ylabel("training faces")
+    figure.tight_layout()
+    figure.savefig(path, format="png")
