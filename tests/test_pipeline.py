@@ -73,6 +73,10 @@ def test_cli_stages_end_to_end_with_mlflow(
     assert any(m.source_run_id == run_id for m in models)
     assert client.get_registered_model("arcface-backbone").latest_versions
 
+    # The course report's figure for two runs side by side (here the same run twice).
+    assert run_cli("plot-angles", "models", "models", "--labels", "a", "b", "--out", "both.png") == 0
+    assert (workspace / "both.png").stat().st_size > 10_000
+
     # Search: a gallery photo finds its own identity first; a photo without a face is reported,
     # and the other photos in the same call are still answered.
     photo = workspace / "data/raw/images" / manifest["path"].iloc[0]
