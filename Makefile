@@ -18,7 +18,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_LOGGING_EXTRA_LOGGERS := arcface
 export PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW := ignore
 
-.PHONY: setup demo test test-fast lint format repro serve stop run ui clean
+.PHONY: setup demo test test-fast lint format repro serve stop run ui search-ui clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,9 @@ run: setup ## run the served deployment, e.g. make run ARGS="-p overrides={\"tra
 
 ui: setup ## MLflow UI on http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+search-ui: setup ## the search page on http://127.0.0.1:8000 over the pipeline's index (after make demo)
+	arcface search-ui $(ARGS)
 
 clean: ## remove pipeline outputs (not the venv, not mlflow.db)
 	rm -rf data models reports

@@ -9,15 +9,18 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from arcface.config import ParamsError, load_params
 from arcface.layout import Layout
+from arcface.workspace_lock import workspace_lock
 
 logger = logging.getLogger("arcface")
 LAYOUT = Layout()
+WRITING_COMMANDS = {"download", "align", "import", "train", "embed", "index", "evaluate", "track"}
 
 
 def _download(args: argparse.Namespace) -> int:
@@ -87,12 +90,13 @@ def _index(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from arcface import evaluate
+    from arcface.files import read_json
 
     params = _params(args)
-    report = evaluate.run(
+    evaluate.run(
         params.evaluate, args.protocols, args.aligned, args.embeddings, args.out, args.models, params.seed
     )
-    print(report.summary())
+    print(evaluate.format_metrics(read_json(args.out / evaluate.METRICS_FILE)))
     return 0
 
 
@@ -147,27 +151,46 @@ def _track(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from arcface.search import FaceSearcher
+    from arcface.search import FaceSearcher, threshold_from_metrics
 
     params = _params(args)
     photos = expand_photos(args.photos)
-    searcher = FaceSearcher(args.checkpoint, args.index, params.align, params.embed)
-    k = args.k or params.index.k
-    results = [searcher.search(photo, k) for photo in photos]
+    if not photos:
+        raise FileNotFoundError(f"no photos in {', '.join(map(str, args.photos))}")
+    threshold = args.threshold if args.threshold is not None else threshold_from_metrics(args.metrics)
+    searcher = FaceSearcher(args.checkpoint, args.index, params.align, params.embed, threshold)
+    results = searcher.search_many(photos, args.k or params.index.k)
     if args.csv:
         write_search_csv(args.csv, results)
         print(f"wrote {len(results)} answers to {args.csv}")
     else:
+        if threshold is not None:
+            print(f"(unknown below cosine {threshold:.4f}, the evaluation's threshold)")
         for result in results:
-            print(result.photo)
             if result.status != "ok":
-                print(f"  {result.status}: {result.reason}")
+                print(f"{result.photo}: {result.status}: {result.reason}")
+                continue
+            print(f"{result.photo}: {result.identity}")
             for rank, match in enumerate(result.matches, 1):
                 print(f"  {rank}. {match.identity:<32} {match.score:.3f}  ({match.path})")
     failed = sum(r.status != "ok" for r in results)
     if failed:
         print(f"{failed} of {len(results)} photos could not be answered", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _search_ui(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from arcface.search_app import UploadLimits, create_app, load_service
+
+    limits = UploadLimits(max_bytes=args.max_upload_mb * 1024 * 1024)
+    service = load_service(_params(args), args.checkpoint, args.index, args.aligned, args.reports, limits)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host}: anyone who can reach it can upload photos", file=sys.stderr)
+    print(f"search page: http://{args.host}:{args.port}/  (Ctrl-C stops it)")
+    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
+    return 0
 
 
 def expand_photos(items: Sequence[Path]) -> list[Path]:
@@ -184,17 +207,16 @@ def expand_photos(items: Sequence[Path]) -> list[Path]:
 
 
 def write_search_csv(path: Path, results) -> None:
+    """One row per (photo, rank); photos without an answer get one row saying why."""
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["photo", "status", "reason", "rank", "identity", "score", "gallery_path"])
+        writer.writerow(["photo", "status", "reason", "verdict", "rank", "identity", "score", "gallery_path"])
         for result in results:
+            head = [result.photo, result.status, result.reason, result.identity or ""]
             if not result.matches:
-                writer.writerow([result.photo, result.status, result.reason, "", "", "", ""])
+                writer.writerow([*head, "", "", "", ""])
             for rank, match in enumerate(result.matches, 1):
-                writer.writerow(
-                    [result.photo, result.status, result.reason, rank, match.identity,
-                     f"{match.score:.6f}", match.path]
-                )  # fmt: skip
+                writer.writerow([*head, rank, match.identity, f"{match.score:.6f}", match.path])
 
 
 def _params(args: argparse.Namespace):
@@ -298,12 +320,42 @@ def build_parser() -> argparse.ArgumentParser:
     path(sub, "--aligned", LAYOUT.aligned, "aligned store (contact sheet)")
     path(sub, "--out", LAYOUT.reports / "mlflow_run.json", "where to write the run id")
 
-    sub = command("search", _search, "who is in these photos: top-k identities with cosine scores")
+    sub = command(
+        "search",
+        _search,
+        "who is in these photos: each raw photo is aligned and embedded like the training faces, and the "
+        "top-k identities are printed with cosine scores; `unknown` when the best is under the threshold",
+    )
     sub.add_argument("photos", type=Path, nargs="+", help="photos or folders of photos")
     sub.add_argument("--k", type=int, default=None, help="identities per photo (default: index.k)")
     sub.add_argument("--csv", type=Path, default=None, help="write answers to this CSV instead")
+    sub.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="cosine under which a face is unknown (default: the one in --metrics)",
+    )
+    path(sub, "--metrics", LAYOUT.reports / "metrics.json", "evaluation metrics holding the threshold")
     path(sub, "--checkpoint", LAYOUT.model / "group-0" / "checkpoint.pt", "trained checkpoint")
     path(sub, "--index", LAYOUT.index, "index folder")
+
+    sub = command(
+        "search-ui",
+        _search_ui,
+        "serve the search page: upload photos, see the aligned face, the top identities with their gallery "
+        "faces and the match/unknown verdict; or compare two photos",
+    )
+    sub.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)"
+    )
+    sub.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    sub.add_argument(
+        "--max-upload-mb", type=int, default=10, help="largest photo accepted (default: %(default)s MB)"
+    )
+    path(sub, "--checkpoint", LAYOUT.model / "group-0" / "checkpoint.pt", "trained checkpoint")
+    path(sub, "--index", LAYOUT.index, "index folder")
+    path(sub, "--aligned", LAYOUT.aligned, "aligned store (gallery thumbnails)")
+    path(sub, "--reports", LAYOUT.reports, "reports folder (threshold, MLflow run id)")
     return parser
 
 
@@ -316,6 +368,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.getLogger("faiss").setLevel(logging.WARNING)  # it announces each CPU variant it tries
     try:
+        # Stages write the workspace: one run at a time. Under torchrun, rank 0 holds it for all ranks.
+        if args.command in WRITING_COMMANDS and os.environ.get("RANK", "0") == "0":
+            with workspace_lock(what=f"arcface {args.command}"):
+                return args.handler(args)
         return args.handler(args)
     except (ParamsError, FileNotFoundError, ValueError, RuntimeError) as err:
         if args.verbose:

@@ -20,7 +20,9 @@ DEFAULT_PARAMS_PATH = Path("params.yaml")
 Device = Literal["auto", "cpu", "cuda"]
 # Kept in step with arcface.models.backbones.BACKBONES (a test checks they agree); listing the names
 # here keeps loading params free of a torch import.
-BackboneName = Literal["resnet34", "resnet50", "iresnet18", "iresnet34", "iresnet50", "iresnet100"]
+BackboneName = Literal[
+    "resnet18", "resnet34", "resnet50", "iresnet18", "iresnet34", "iresnet50", "iresnet100"
+]
 
 
 class ParamsError(ValueError):
@@ -97,6 +99,7 @@ class TrainParams(_Section):
     clip_grad_norm: float = Field(0.0, ge=0)  # 0: off
     dropout: float = Field(0.0, ge=0, lt=1)
     flip: bool = True  # random horizontal flips
+    shift: int = Field(0, ge=0, le=32)  # random translations of up to this many pixels
     min_images_per_identity: int = Field(2, ge=1, le=1000)
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     compile: bool = False
@@ -112,8 +115,16 @@ class EmbedParams(_Section):
 
 
 class IndexParams(_Section):
-    type: Literal["flat"] = "flat"
+    type: Literal["flat", "ivf", "hnsw"] = "flat"
+    gallery: Literal["image", "identity"] = "image"  # a vector per image | per identity (mean, renormed)
+    nlist: int = Field(0, ge=0)  # ivf: inverted lists (0: sized from the gallery, ~4·sqrt(N))
+    nprobe: int = Field(0, ge=0)  # ivf: lists visited per query (0: nlist/8, at least 1)
+    pq_m: int = Field(0, ge=0)  # ivf: 0 = IVF-Flat; else IVF-PQ with this many 8-bit sub-quantizers
+    hnsw_m: int = Field(32, ge=4, le=256)  # hnsw: links per node
+    ef_construction: int = Field(80, ge=8)  # hnsw: candidates while building
+    ef_search: int = Field(64, ge=1)  # hnsw: candidates while searching
     k: int = Field(5, ge=1, le=1000)
+    device: Device = "auto"  # cuda: build and search on the GPU (needs faiss-gpu); hnsw is CPU-only
 
 
 class EvaluateParams(_Section):

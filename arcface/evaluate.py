@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from arcface import plots
+from arcface import identification, plots
 from arcface.config import EvaluateParams
 from arcface.data import store
 from arcface.embed import VARIANTS, load_embeddings
@@ -34,6 +34,7 @@ FOLDS_PLOT = "folds.png"
 ANGLES_PLOT = "angles.png"
 # Unscorable pairs get the worst possible cosine, so every threshold in [-1, 1] counts them as errors.
 _WORST = 2.0
+IDENTIFICATION_FARS = (1e-2, 1e-1)  # open-set DIR reported at these false-alarm rates
 
 
 class EvaluationError(ValueError):
@@ -308,7 +309,12 @@ def run(
             unscorable,
         )
     report = reports[primary]
-    _write_outputs(Path(out_dir), protocol, scored, reports, primary, unscorable, models_dir)
+    identified = None
+    if models_dir is not None:
+        identified = identification.evaluate_models(
+            embeddings_dir, manifest, models_dir, IDENTIFICATION_FARS, primary
+        )
+    _write_outputs(Path(out_dir), protocol, scored, reports, primary, unscorable, models_dir, identified)
     logger.info("%s", report.summary())
     if report.unscorable_pairs:
         logger.warning(
@@ -357,6 +363,7 @@ def _write_outputs(
     primary: str,
     unscorable: np.ndarray,
     models_dir: Path | None,
+    identified: dict[str, Any] | None = None,
 ) -> None:
     """Each file appears whole under its name; metrics.json comes last, so it never describes plots and
     tables that aren't there."""
@@ -399,6 +406,8 @@ def _write_outputs(
         f"with_{other}": reports[other].scalars(),
         "folds": [asdict(f) | {"model": f"group-{f.group}"} for f in report.folds],
     }
+    if identified is not None:
+        metrics["identification"] = identified
     write_json(out_dir / METRICS_FILE, metrics)
 
 
@@ -455,4 +464,8 @@ def format_metrics(metrics: dict[str, Any]) -> str:
         unscorable_pairs=metrics["unscorable_pairs"],
         folds=folds,
     )
-    return report.summary()
+    text = report.summary()
+    found = metrics.get("identification")
+    if found:
+        text += "\n" + identification.format_summary(found)
+    return text

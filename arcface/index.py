@@ -7,7 +7,10 @@ the most similar faces first. The labels table maps each index position to its i
 from __future__ import annotations
 
 import logging
+import math
+import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -71,15 +74,91 @@ class FaceIndex:
         return results
 
 
-def build_index(vectors: np.ndarray) -> faiss.Index:
-    """Exact inner-product index over (N, D) unit vectors."""
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+def faiss_has_gpu() -> bool:
+    """True when this faiss build has GPU support and sees a GPU (faiss-gpu on a CUDA machine)."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def use_gpu(device: str, kind: str) -> bool:
+    """Whether to build/search on the GPU: `auto` takes it when there, `cuda` insists (HNSW has none)."""
+    if device == "cpu" or kind == "hnsw":
+        if device == "cuda" and kind == "hnsw":
+            logger.warning("faiss has no GPU HNSW index: building it on the CPU")
+        return False
+    if device == "cuda" and not faiss_has_gpu():
+        raise RuntimeError("index.device is cuda but faiss sees no GPU (install faiss-gpu, not faiss-cpu)")
+    return faiss_has_gpu()
+
+
+def ivf_sizes(params: IndexParams, count: int) -> tuple[int, int]:
+    """(nlist, nprobe): from params, or sized from the gallery (~4·sqrt(N) lists, each trained on at
+    least 39 points as FAISS's k-means asks, and an eighth of them probed)."""
+    nlist = params.nlist or int(4 * math.sqrt(count))
+    nlist = max(1, min(nlist, count // 39 or 1))
+    nprobe = params.nprobe or max(1, nlist // 8)
+    return nlist, min(nprobe, nlist)
+
+
+def build_index(vectors: np.ndarray, params: IndexParams | None = None) -> faiss.Index:
+    """An inner-product index over (N, D) unit vectors (exact `flat`, or approximate `ivf` / `hnsw`),
+    returned on the CPU so it can be saved; search parameters (nprobe, efSearch) are set on it."""
+    params = params or IndexParams()
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    count, dimension = vectors.shape
+    if params.type == "flat":
+        index: faiss.Index = faiss.IndexFlatIP(dimension)
+    elif params.type == "hnsw":
+        index = faiss.IndexHNSWFlat(dimension, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = params.ef_construction
+        index.hnsw.efSearch = params.ef_search
+    else:
+        nlist, nprobe = ivf_sizes(params, count)
+        quantizer = faiss.IndexFlatIP(dimension)
+        if params.pq_m:
+            if dimension % params.pq_m:
+                raise ValueError(f"index.pq_m={params.pq_m} must divide the embedding size {dimension}")
+            # 8-bit codes need 256 × 39 training points; smaller galleries get smaller codebooks.
+            bits = int(max(1, min(8, math.floor(math.log2(max(count / 39, 2))))))
+            index = faiss.IndexIVFPQ(
+                quantizer, dimension, nlist, params.pq_m, bits, faiss.METRIC_INNER_PRODUCT
+            )
+        else:
+            index = faiss.IndexIVFFlat(quantizer, dimension, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.nprobe = nprobe
+    if use_gpu(params.device, params.type):
+        resources = faiss.StandardGpuResources()
+        on_gpu = faiss.index_cpu_to_gpu(resources, 0, index)
+        if not on_gpu.is_trained:
+            on_gpu.train(vectors)
+        on_gpu.add(vectors)
+        return faiss.index_gpu_to_cpu(on_gpu)
+    if not index.is_trained:
+        index.train(vectors)
+    index.add(vectors)
     return index
 
 
+def identity_gallery(vectors: np.ndarray, labels: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame]:
+    """One vector per identity: the mean of its unit embeddings, re-normalized; its first face stands
+    for it (the thumbnail a search shows)."""
+    codes, names = pd.factorize(labels["identity"], sort=True)
+    sums = np.zeros((len(names), vectors.shape[1]), dtype=np.float64)
+    np.add.at(sums, codes, vectors)
+    means = (sums / np.linalg.norm(sums, axis=1, keepdims=True)).astype(np.float32)
+    first = labels.assign(code=codes).groupby("code", sort=True).head(1).sort_values("code")
+    table = pd.DataFrame(
+        {
+            "row": first["row"].to_numpy(),
+            "identity": np.asarray(names),
+            "path": first["path"].to_numpy(),
+            "faces": np.bincount(codes, minlength=len(names)),
+        }
+    )
+    return means, table
+
+
 def run(params: IndexParams, embeddings_dir: Path, aligned_dir: Path, out_dir: Path) -> FaceIndex:
-    """Index every embedding and write the index, its labels table and index.json."""
+    """Index every embedding (model 0's) and write the index, its labels table and index.json."""
     vectors, rows, embed_info = load_embeddings(embeddings_dir)
     manifest = store.read_manifest(aligned_dir)
     labels = pd.DataFrame(
@@ -89,25 +168,52 @@ def run(params: IndexParams, embeddings_dir: Path, aligned_dir: Path, out_dir: P
             "path": manifest["path"].to_numpy()[rows],
         }
     )
-    index = build_index(vectors)
+    if params.gallery == "identity":
+        vectors, labels = identity_gallery(vectors, labels)
+    started = time.perf_counter()
+    index = build_index(vectors, params)
+    seconds = time.perf_counter() - started
     info = {
         "type": params.type,
+        "gallery": params.gallery,
         "metric": "inner_product",
         "dimension": int(vectors.shape[1]),
         "count": int(index.ntotal),
+        "identities": int(labels["identity"].nunique()),
+        "search": _search_settings(index),
+        "built_on": "gpu" if use_gpu(params.device, params.type) else "cpu",
+        "build_seconds": round(seconds, 3),
+        "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "checkpoint_sha256": embed_info["checkpoint_sha256"],
+        "backbone": embed_info.get("backbone"),
         "flip": embed_info["primary"] == "flip",
     }
     with atomic_path(out_dir, directory=True) as temp:
         faiss.write_index(index, str(temp / INDEX_FILE))
         labels.to_parquet(temp / LABELS_FILE, index=False)
         write_json(temp / INFO_FILE, info)
-    logger.info("indexed %d faces of %d identities", index.ntotal, labels["identity"].nunique())
+    logger.info(
+        "%s index of %d vectors (%d identities) built in %.2f s",
+        params.type,
+        index.ntotal,
+        info["identities"],
+        seconds,
+    )
     return FaceIndex(index, labels, info)
 
 
-def load_index(folder: Path) -> FaceIndex:
-    """Read an index folder; a missing or damaged file is an error naming it."""
+def _search_settings(index: faiss.Index) -> dict[str, int]:
+    """The query-time knobs, saved so a loaded index searches exactly as it was built to."""
+    if isinstance(index, faiss.IndexHNSW):
+        return {"ef_search": int(index.hnsw.efSearch)}
+    if isinstance(index, faiss.IndexIVF):
+        return {"nlist": int(index.nlist), "nprobe": int(index.nprobe)}
+    return {}
+
+
+def load_index(folder: Path, device: str = "auto") -> FaceIndex:
+    """Read an index folder; a missing, truncated or inconsistent file is an error naming it. On a
+    machine with faiss-gpu, flat and IVF indexes are searched on the GPU (unless `device` is cpu)."""
     folder = Path(folder)
     for name in (INDEX_FILE, LABELS_FILE, INFO_FILE):
         if not (folder / name).exists():
@@ -116,9 +222,24 @@ def load_index(folder: Path) -> FaceIndex:
         index = faiss.read_index(str(folder / INDEX_FILE))
     except RuntimeError as err:
         raise ValueError(f"{folder / INDEX_FILE}: not a readable FAISS index ({err})") from err
-    labels = pd.read_parquet(folder / LABELS_FILE)
+    try:
+        labels = pd.read_parquet(folder / LABELS_FILE)
+    except Exception as err:  # pyarrow's errors for a damaged file have no common base class
+        raise ValueError(f"{folder / LABELS_FILE}: not a readable labels table ({err})") from err
+    info = read_json(folder / INFO_FILE)
     if len(labels) != index.ntotal:
         raise ValueError(
             f"{folder}: the index holds {index.ntotal} vectors but {LABELS_FILE} {len(labels)} rows"
         )
-    return FaceIndex(index, labels, read_json(folder / INFO_FILE))
+    if info.get("dimension", index.d) != index.d:
+        raise IndexMismatchError(
+            f"{folder}: {INFO_FILE} says dimension {info['dimension']}, {INDEX_FILE} has {index.d}"
+        )
+    settings = info.get("search", {})
+    if "nprobe" in settings:
+        index.nprobe = settings["nprobe"]
+    if "ef_search" in settings:
+        index.hnsw.efSearch = settings["ef_search"]
+    if use_gpu(device, info.get("type", "flat")):
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    return FaceIndex(index, labels, info)

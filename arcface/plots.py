@@ -53,7 +53,9 @@ def fold_accuracy(folds: pd.DataFrame, mean: float, path: Path) -> None:
     figure = Figure(figsize=(5.5, 3.6), dpi=120)
     axis = figure.subplots()
     colours = [f"C{group}" for group in folds["group"]]
-    axis.bar(folds["fold"].astype(str), folds["accuracy"], color=colours)
+    positions = np.arange(len(folds))  # numeric positions + labels: no categorical-axis guessing
+    axis.bar(positions, folds["accuracy"], color=colours)
+    axis.set_xticks(positions, [str(fold) for fold in folds["fold"]])
     axis.axhline(mean, color="k", ls="--", lw=1, label=f"mean {mean:.4f}")
     low = max(0.0, float(folds["accuracy"].min()) - 0.05)
     axis.set_ylim(low, 1.0)

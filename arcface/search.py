@@ -5,17 +5,23 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
-from arcface.config import AlignParams, EmbedParams
+from arcface.config import AlignParams, EmbedParams, Params, load_params
 from arcface.data.align import FaceAligner
 from arcface.data.images import ImageReadError, load_rgb
 from arcface.device import autocast_dtype, resolve_device
 from arcface.embed import embed_faces
-from arcface.files import sha256_file
+from arcface.files import read_json, sha256_file
 from arcface.index import FaceIndex, IndexMismatchError, Match, load_index
-from arcface.train import load_backbone
+from arcface.layout import Layout
+from arcface.train import CHECKPOINT_FILE, load_backbone
+
+LAYOUT = Layout()
 
 logger = logging.getLogger(__name__)
 
@@ -26,13 +32,52 @@ class SearchResult:
     status: str  # ok | no_face | error
     reason: str = ""
     matches: list[Match] = field(default_factory=list)
+    threshold: float | None = None  # the evaluation's cosine threshold; None: no open-set decision
+
+    @property
+    def identity(self) -> str | None:
+        """The best match's name, `unknown` when its score is under the threshold, None without a face."""
+        if not self.matches:
+            return None
+        best = self.matches[0]
+        return "unknown" if self.threshold is not None and best.score < self.threshold else best.identity
+
+
+@dataclass(frozen=True)
+class QueryFace:
+    """One photo on its way to an answer: the decoded image, the chosen face and its embedding."""
+
+    status: str  # ok | no_face | error
+    reason: str = ""  # e.g. "3 faces, kept the most central"
+    image: np.ndarray | None = None  # (H, W, 3) uint8
+    face: np.ndarray | None = None  # (112, 112, 3) uint8, aligned
+    box: tuple[float, float, float, float] | None = None  # x1, y1, x2, y2 in the image
+    vector: np.ndarray | None = None  # (D,) unit vector
+
+
+def threshold_from_metrics(path: Path) -> float | None:
+    """The cosine threshold the evaluate stage chose (metrics.json), or None when there is none yet."""
+    path = Path(path)
+    if not path.exists():
+        logger.warning("%s not found: no `unknown` decisions (run evaluate, or pass a threshold)", path)
+        return None
+    return float(read_json(path)["threshold"])
 
 
 class FaceSearcher:
     """A model and the index built with it, ready to answer photos."""
 
-    def __init__(self, checkpoint: Path, index_dir: Path, align: AlignParams, embed: EmbedParams) -> None:
-        self.index: FaceIndex = load_index(index_dir)
+    def __init__(
+        self,
+        checkpoint: Path,
+        index_dir: Path,
+        align: AlignParams,
+        embed: EmbedParams,
+        threshold: float | None = None,
+        index_device: str = "auto",
+    ) -> None:
+        self.threshold = threshold
+        self.index: FaceIndex = load_index(index_dir, index_device)
         checkpoint_hash = sha256_file(checkpoint)
         if checkpoint_hash != self.index.info.get("checkpoint_sha256"):
             raise IndexMismatchError(
@@ -41,20 +86,58 @@ class FaceSearcher:
             )
         device = resolve_device(embed.device)
         self.model, payload = load_backbone(checkpoint, device)
+        dimension = payload["train_params"]["embedding_size"]
+        if dimension != self.index.index.d:
+            raise IndexMismatchError(
+                f"{checkpoint} embeds into {dimension} dimensions but {index_dir} holds {self.index.index.d}"
+            )
         self.model.to(memory_format=torch.channels_last)
         self.amp = autocast_dtype(payload["train_params"]["amp"], device)
         self.flip = bool(self.index.info.get("flip", embed.flip))
         self.aligner = FaceAligner(align)
 
-    def search(self, photo: Path, k: int) -> SearchResult:
-        """The top-k identities for one photo; unreadable photos and photos without a face say why."""
+    def read_face(self, photo: Path | BinaryIO, max_pixels: int | None = None) -> QueryFace:
+        """Decode, detect, align and embed one photo (a path or an open binary file); photos over
+        `max_pixels` (default: align.max_image_pixels) are refused before decoding."""
         limits = self.aligner.params
         try:
-            image = load_rgb(photo, limits.max_image_pixels, limits.min_image_side)
+            image = load_rgb(photo, max_pixels or limits.max_image_pixels, limits.min_image_side)
         except ImageReadError as err:  # a bad photo is an answer, not a crash of the whole batch
-            return SearchResult(photo, "error", str(err))
+            return QueryFace("error", str(err))
         face, detection = self.aligner.align_one(image)
         if detection.status != "ok":
-            return SearchResult(photo, "no_face", detection.reason)
-        vector = embed_faces(self.model, face[None], flip=self.flip, amp=self.amp)
-        return SearchResult(photo, "ok", detection.reason, self.index.search(vector, k)[0])
+            return QueryFace("no_face", detection.reason, image=image)
+        vector = embed_faces(self.model, face[None], flip=self.flip, amp=self.amp)[0]
+        return QueryFace("ok", detection.reason, image, face, detection.box, vector)
+
+    def search(self, photo: Path, k: int) -> SearchResult:
+        """The top-k identities for one photo; unreadable photos and photos without a face say why."""
+        query = self.read_face(photo)
+        if query.status != "ok":
+            return SearchResult(photo, query.status, query.reason)
+        return SearchResult(photo, "ok", query.reason, self.matches(query, k), self.threshold)
+
+    def matches(self, query: QueryFace, k: int) -> list[Match]:
+        """The top-k identities for an embedded face."""
+        return self.index.search(query.vector[None], k)[0]
+
+    def search_many(self, photos: list[Path], k: int) -> list[SearchResult]:
+        """Answers for every photo, in order; one bad photo never stops the others."""
+        progress = tqdm(photos, desc="search", unit="photo", disable=None)
+        return [self.search(Path(photo), k) for photo in progress]
+
+
+def search_photos(
+    photos: list[Path],
+    k: int | None = None,
+    params: Params | None = None,
+    checkpoint: Path = LAYOUT.model / "group-0" / CHECKPOINT_FILE,
+    index_dir: Path = LAYOUT.index,
+    metrics: Path = LAYOUT.reports / "metrics.json",
+) -> list[SearchResult]:
+    """The Python API: who is in each photo, against the pipeline's index (paths default to the
+    workspace layout; `unknown` decided with the evaluation's threshold)."""
+    params = params or load_params()
+    threshold = threshold_from_metrics(metrics)
+    searcher = FaceSearcher(checkpoint, index_dir, params.align, params.embed, threshold)
+    return searcher.search_many(photos, k or params.index.k)

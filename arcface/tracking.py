@@ -25,6 +25,9 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 RUN_FILE = "mlflow_run.json"
 # What the logged model needs to be loaded elsewhere; explicit, because inferring it is ~50× slower.
 MODEL_REQUIREMENTS = ("torch", "torchvision", "numpy")
+CHAMPION_ALIAS = "champion"
+ACCURACY_TAG = "lfw_accuracy"
+PROTOCOL_TAG = "lfw_protocol"
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,11 @@ def tracking_uri() -> str:
 
 
 def log_pipeline_run(
-    params: Params, inputs: RunInputs, out_file: Path, tags: dict[str, str] | None = None
+    params: Params,
+    inputs: RunInputs,
+    out_file: Path,
+    tags: dict[str, str] | None = None,
+    run_name: str | None = None,
 ) -> TrackedRun:
     """Record one pipeline run: params, final metrics, plots and the model on the parent run; with
     cross-training, one nested run per model with its training curves (else they go on the parent)."""
@@ -80,7 +87,8 @@ def log_pipeline_run(
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.set_experiment(params.tracking.experiment)
     models = group_dirs(inputs.models)
-    with mlflow.start_run(experiment_id=experiment.experiment_id, tags=tags or {}) as run:
+    tags = (tags or {}) | dvc_data_tags()
+    with mlflow.start_run(experiment_id=experiment.experiment_id, run_name=run_name, tags=tags) as run:
         mlflow.log_params(flatten(params))
         metrics = read_json(inputs.metrics)
         mlflow.log_metrics(_numbers(metrics) | _fold_metrics(metrics))
@@ -107,7 +115,7 @@ def log_pipeline_run(
                 mlflow.log_artifact(str(folder / SPLIT_FILE))
                 mlflow.log_metrics(_fold_metrics(metrics, folder.name))
         if params.tracking.log_model:
-            _log_model(models[0] / CHECKPOINT_FILE, params.tracking.registered_model_name)
+            _log_model(models[0] / CHECKPOINT_FILE, params.tracking.registered_model_name, metrics)
     tracked = TrackedRun(run.info.run_id, experiment.experiment_id, uri)
     write_json(out_file, {"run_id": tracked.run_id, "experiment_id": tracked.experiment_id})
     logger.info("MLflow run %s in experiment %r (%s)", tracked.run_id, params.tracking.experiment, uri)
@@ -150,7 +158,7 @@ def _fold_metrics(metrics: dict[str, Any], model: str | None = None) -> dict[str
     return flat
 
 
-def _log_model(checkpoint: Path, registered_name: str | None) -> None:
+def _log_model(checkpoint: Path, registered_name: str | None, metrics: dict[str, Any]) -> None:
     import mlflow.pytorch
 
     from arcface.train import load_backbone
@@ -158,13 +166,60 @@ def _log_model(checkpoint: Path, registered_name: str | None) -> None:
     model, _ = load_backbone(checkpoint)
     # Two images, not one: a batch of one lets torch.export fix the batch size to 1.
     example = np.zeros((2, 3, 112, 112), dtype=np.float32)
-    mlflow.pytorch.log_model(
+    logged = mlflow.pytorch.log_model(
         model,
         name="model",
         input_example=example,
         pip_requirements=[_pinned(package) for package in MODEL_REQUIREMENTS],
         registered_model_name=registered_name,
     )
+    if registered_name and logged.registered_model_version is not None:
+        promote_if_better(registered_name, str(logged.registered_model_version), metrics)
+
+
+def promote_if_better(name: str, version: str, metrics: dict[str, Any], client: Any = None) -> bool:
+    """Tag the new version with its LFW accuracy and move the `champion` alias to it only when it beats
+    the current champion's accuracy under the same protocol (the first version becomes champion)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = client or MlflowClient()
+    accuracy, protocol = float(metrics["accuracy_mean"]), str(metrics["protocol"])
+    client.set_model_version_tag(name, version, ACCURACY_TAG, f"{accuracy:.6f}")
+    client.set_model_version_tag(name, version, PROTOCOL_TAG, protocol)
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+    except MlflowException:  # no champion yet
+        champion = None
+    if champion is not None:
+        best = float(champion.tags.get(ACCURACY_TAG, "-1"))
+        same_protocol = champion.tags.get(PROTOCOL_TAG) == protocol
+        if same_protocol and accuracy <= best:
+            logger.info("%s v%s: accuracy %.4f does not beat champion v%s (%.4f)", name, version,
+                        accuracy, champion.version, best)  # fmt: skip
+            return False
+        if not same_protocol:
+            logger.info("%s: champion v%s was scored under %s, not %s; keeping it", name,
+                        champion.version, champion.tags.get(PROTOCOL_TAG), protocol)  # fmt: skip
+            return False
+    client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+    logger.info("%s v%s (accuracy %.4f) is now @%s", name, version, accuracy, CHAMPION_ALIAS)
+    return True
+
+
+def dvc_data_tags(lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
+    """The DVC hashes of the raw and aligned data this run used (from dvc.lock, when there is one)."""
+    import yaml
+
+    if not Path(lock_file).exists():
+        return {}
+    stages = (yaml.safe_load(Path(lock_file).read_text()) or {}).get("stages", {})
+    tags = {}
+    for stage, key in (("download", "dvc.raw_md5"), ("align", "dvc.aligned_md5")):
+        outs = stages.get(stage, {}).get("outs", [])
+        if outs and "md5" in outs[0]:
+            tags[key] = str(outs[0]["md5"])
+    return tags
 
 
 def _pinned(package: str) -> str:

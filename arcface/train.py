@@ -254,6 +254,7 @@ def fit(
         device,
         seed,
         flip=params.flip,
+        shift=params.shift,
         world=distributed.world,
         rank=distributed.rank,
         accumulate=params.accumulate,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -19,12 +20,14 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from arcface.cli import add_params_arguments
 from arcface.config import load_params, parse_override
 from arcface.evaluate import format_metrics
 from arcface.files import read_json
 from arcface.layout import Layout
+from arcface.workspace_lock import workspace_lock
 from tasks import stages
 from tasks.dvc_sync import DvcSync
 
@@ -38,16 +41,28 @@ STAGES: list[tuple[str, Callable[..., Any]]] = [
 ]
 
 
-@flow(name="train-and-eval", log_prints=True)
+def chunk_workers() -> int:
+    """Threads for mapped chunk tasks: each already uses several cores through torch, so a quarter of
+    the cores (one on a laptop) keeps them from fighting over the CPU."""
+    return max(1, (os.cpu_count() or 1) // 4)
+
+
+@flow(name="train-and-eval", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=chunk_workers()))
 def train_and_eval(
     overrides: dict[str, Any] | None = None,
     params_file: str = "params.yaml",
+    lock_wait_s: float = 0.0,
 ) -> dict[str, Any]:
     """Run every stage on the params in `params_file`, with dotted-key `overrides` such as
-    {"train.epochs": 2}; returns the evaluation metrics."""
-    logger = get_run_logger()
+    {"train.epochs": 2}; returns the evaluation metrics. Another run writing the workspace makes this one
+    wait up to `lock_wait_s` seconds, then fail naming it."""
     logging.getLogger("arcface").setLevel(logging.INFO)  # the stages' progress lines, in the run's log
-    overrides = overrides or {}
+    with workspace_lock(what=f"train-and-eval flow run {flow_run.get_id()}", wait_s=lock_wait_s):
+        return _run_stages(overrides or {}, params_file)
+
+
+def _run_stages(overrides: dict[str, Any], params_file: str) -> dict[str, Any]:
+    logger = get_run_logger()
     params = load_params(params_file, overrides)
     layout = Layout()
     sync = DvcSync() if not overrides and DvcSync.available() else None
@@ -93,6 +108,11 @@ def _metrics_table(metrics: dict[str, Any], run_id: str, commit: str) -> str:
         ("pairs", str(metrics["pairs"])),
         ("models (cross-training groups)", str(metrics["groups"])),
         *((f"fold {f['fold']}", f"{f['accuracy']:.4f} by {f['model']}") for f in metrics["folds"]),
+        *(
+            (f"identification {key}", "n/a" if value is None else f"{value:.4f}")
+            for key, value in metrics.get("identification", {}).items()
+            if key.startswith(("rank", "dir_at_far_"))
+        ),
         ("MLflow run", run_id),
         ("git commit", commit),
     ]

@@ -5,10 +5,11 @@ Tasks pass paths, never tensors or arrays. Only `download` retries: it is the on
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import task, unmapped
 
 from arcface import embed, evaluate, index, tracking, train
 from arcface.config import Params
@@ -36,10 +37,33 @@ def download(params: Params, layout: Layout) -> Path:
     return layout.raw
 
 
-@task(name="align")
-def align_faces(params: Params, layout: Layout) -> Path:
-    align.run(params.align, layout.images, layout.aligned)
+@task(name="align-plan")
+def plan_alignment(params: Params, layout: Layout) -> list[int]:
+    """The chunks still to align (finished ones of an interrupted run are kept)."""
+    return align.AlignJob.plan(params.align, layout.images, layout.aligned).pending()
+
+
+@task(name="align-chunk")
+def align_chunk(params: Params, layout: Layout, index: int) -> int:
+    return align.AlignJob.plan(params.align, layout.images, layout.aligned).align_chunk(index)
+
+
+@task(name="align-finish")
+def finish_alignment(params: Params, layout: Layout, aligned: int, seconds: float, resumed: int) -> Path:
+    job = align.AlignJob.plan(params.align, layout.images, layout.aligned)
+    job.finish(aligned, seconds, resumed)
     return layout.aligned
+
+
+def align_faces(params: Params, layout: Layout) -> Path:
+    """The align stage as tasks: one per chunk of images, mapped over the flow's task runner (threads
+    here; Dask or Ray workers with their task runners), then one that assembles the store."""
+    pending = plan_alignment(params, layout)
+    job_size = align.AlignJob.plan(params.align, layout.images, layout.aligned).chunk_count
+    started = time.perf_counter()
+    futures = align_chunk.map(unmapped(params), unmapped(layout), pending)
+    aligned = sum(future.result() for future in futures)
+    return finish_alignment(params, layout, aligned, time.perf_counter() - started, job_size - len(pending))
 
 
 @task(name="train")
@@ -76,8 +100,8 @@ def evaluate_model(params: Params, layout: Layout) -> Path:
 
 
 @task(name="track")
-def track_run(params: Params, layout: Layout, tags: dict[str, Any]) -> Path:
+def track_run(params: Params, layout: Layout, tags: dict[str, Any], run_name: str | None = None) -> Path:
     out = layout.reports / tracking.RUN_FILE
     inputs = tracking.run_inputs(layout.model, layout.reports, layout.aligned)
-    tracking.log_pipeline_run(params, inputs, out, {k: str(v) for k, v in tags.items()})
+    tracking.log_pipeline_run(params, inputs, out, {k: str(v) for k, v in tags.items()}, run_name)
     return out

@@ -8,7 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from arcface.index import FaceIndex, IndexMismatchError, build_index, load_index
+from arcface.config import IndexParams
+from arcface.files import write_json
+from arcface.index import FaceIndex, IndexMismatchError, build_index, identity_gallery, ivf_sizes, load_index
 
 
 def gallery(seed: int = 0) -> tuple[np.ndarray, pd.DataFrame]:
@@ -55,4 +57,83 @@ def test_missing_or_damaged_index_files(tmp_path: Path) -> None:
         (tmp_path / name).write_text(text)
     pd.DataFrame({"row": [0], "identity": ["a"], "path": ["a/1.jpg"]}).to_parquet(tmp_path / "labels.parquet")
     with pytest.raises(ValueError, match="not a readable FAISS index"):
+        load_index(tmp_path)
+
+
+def clustered(count: int, identities: int, dimension: int = 64, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(identities, dimension))
+    vectors = centres[rng.integers(0, identities, count)] + rng.normal(0, 0.5, (count, dimension))
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"type": "ivf", "nprobe": 32},
+        {"type": "ivf", "nlist": 16, "nprobe": 16, "pq_m": 32},
+        {"type": "hnsw", "hnsw_m": 16, "ef_search": 128},
+    ],
+)
+def test_approximate_indexes_agree_with_exact_search_and_survive_a_round_trip(
+    settings: dict, tmp_path: Path
+) -> None:
+    import faiss
+
+    vectors = clustered(4000, 200)
+    queries = clustered(200, 200, seed=1)
+    _, exact = build_index(vectors).search(queries, 1)
+    index = build_index(vectors, IndexParams(**settings))
+    _, approximate = index.search(queries, 10)
+    if settings.get("pq_m"):  # compressed vectors: the true nearest is among the first ten
+        assert (approximate == exact).any(axis=1).mean() >= 0.95
+    else:
+        assert (approximate[:, 0] == exact[:, 0]).mean() >= 0.95
+    if settings["type"] == "ivf":
+        assert (index.nlist, index.nprobe) == ivf_sizes(IndexParams(**settings), 4000)
+    # Saved, loaded: the same answers, searched with the same settings.
+    faiss.write_index(index, str(tmp_path / "faces.faiss"))
+    labels = pd.DataFrame({"row": range(4000), "identity": [f"p{i}" for i in range(4000)], "path": ""})
+    labels.to_parquet(tmp_path / "labels.parquet")
+    write_json(tmp_path / "index.json", {"dimension": 64, "type": settings["type"], "search": {}})
+    loaded = load_index(tmp_path, device="cpu")
+    assert np.array_equal(loaded.index.search(queries, 10)[1], approximate)
+
+
+def test_ivf_sizes_follow_the_gallery() -> None:
+    assert ivf_sizes(IndexParams(type="ivf"), 1_000_000) == (4000, 500)
+    assert ivf_sizes(IndexParams(type="ivf"), 100) == (2, 1)  # at least 39 training points per list
+    assert ivf_sizes(IndexParams(type="ivf", nlist=64, nprobe=100), 10_000) == (64, 64)
+
+
+def test_pq_size_must_divide_the_dimension() -> None:
+    with pytest.raises(ValueError, match="pq_m=7 must divide the embedding size 64"):
+        build_index(clustered(500, 10), IndexParams(type="ivf", pq_m=7))
+
+
+def test_identity_gallery_is_the_renormalized_mean() -> None:
+    vectors, labels = gallery()
+    means, table = identity_gallery(vectors, labels)
+    assert table["identity"].tolist() == [f"person_{i}" for i in range(6)]
+    assert table["faces"].tolist() == [4] * 6 and table["path"].iloc[1] == "person_1/4.jpg"
+    expected = vectors[4:8].mean(axis=0)
+    assert np.allclose(means[1], expected / np.linalg.norm(expected), atol=1e-6)
+
+
+def test_truncated_or_inconsistent_index_is_refused(tmp_path: Path) -> None:
+    import faiss
+
+    vectors, labels = gallery()
+    faiss.write_index(build_index(vectors), str(tmp_path / "faces.faiss"))
+    labels.to_parquet(tmp_path / "labels.parquet")
+    write_json(tmp_path / "index.json", {"dimension": 16})
+    with pytest.raises(IndexMismatchError, match=r"index\.json says dimension 16, faces\.faiss has 32"):
+        load_index(tmp_path)
+    data = (tmp_path / "faces.faiss").read_bytes()
+    (tmp_path / "faces.faiss").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"faces\.faiss: not a readable FAISS index"):
+        load_index(tmp_path)
+    labels.iloc[:5].to_parquet(tmp_path / "labels.parquet")
+    (tmp_path / "faces.faiss").write_bytes(data)
+    with pytest.raises(ValueError, match=r"holds 24 vectors but labels\.parquet 5 rows"):
         load_index(tmp_path)

@@ -35,7 +35,7 @@ def test_parameter_counts(name: str, millions: float) -> None:
 
 def test_unknown_backbone_lists_known_ones() -> None:
     with pytest.raises(
-        ValueError, match="known: iresnet100, iresnet18, iresnet34, iresnet50, resnet34, resnet50"
+        ValueError, match="known: iresnet100, iresnet18, iresnet34, iresnet50, resnet18, resnet34, resnet50"
     ):
         build_backbone("vgg16")
 

@@ -4,6 +4,7 @@ deployment served by a real local server, leaving DVC's state clean."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -71,27 +72,63 @@ def test_cli_stages_end_to_end_with_mlflow(
     assert run.data.metrics["align_ok"] == 80 and run.data.metrics["align_mean_residual"] > 0
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert any(m.source_run_id == run_id for m in models)
-    assert client.get_registered_model("arcface-backbone").latest_versions
+    champion = client.get_model_version_by_alias("arcface-backbone", "champion")
+    assert champion.run_id == run_id and float(champion.tags["lfw_accuracy"]) == pytest.approx(
+        metrics["accuracy_mean"], abs=1e-6
+    )
 
     # The course report's figure for two runs side by side (here the same run twice).
     assert run_cli("plot-angles", "models", "models", "--labels", "a", "b", "--out", "both.png") == 0
     assert (workspace / "both.png").stat().st_size > 10_000
 
-    # Search: a gallery photo finds its own identity first; a photo without a face is reported,
-    # and the other photos in the same call are still answered.
+    # Identification on the identities the model never trained on, in metrics.json and MLflow.
+    # The 10 unseen people have 4 faces each: 10 enrolled, 30 mated probes; no single-face person, so
+    # no impostors and no open-set rate (tests/test_identification.py covers it).
+    found = metrics["identification"]
+    assert (found["gallery"], found["mated_probes"], found["nonmated_probes"]) == (10, 30, 0)
+    assert 0.0 <= found["rank1"] <= found["rank5"] <= 1.0 and "dir_at_far_0.01" not in found
+    assert run.data.metrics["identification.rank1"] == pytest.approx(found["rank1"])
+
+    # Search raw photos: a gallery photo finds its own identity first; a photo without a face and a
+    # corrupt file are reported, and the other photos in the same call are still answered.
     photo = workspace / "data/raw/images" / manifest["path"].iloc[0]
-    blank = tmp_path / "blank.png"
+    blank, corrupt = tmp_path / "blank.png", tmp_path / "corrupt.jpg"
     from PIL import Image
 
     Image.new("RGB", (200, 200), (90, 90, 90)).save(blank)
+    corrupt.write_bytes(photo.read_bytes()[:300])
     capsys.readouterr()
-    assert run_cli("search", str(photo), str(blank), "--k", "3") == 1
+    assert run_cli("search", str(photo), str(blank), str(corrupt), "--k", "3") == 1
     out = capsys.readouterr()
-    first_line = out.out.splitlines()[1]
-    assert first_line.split()[1] == manifest["identity"].iloc[0]
-    assert float(first_line.split()[2]) == pytest.approx(1.0, abs=1e-3)
-    assert "no_face: no face found" in out.out
-    assert "1 of 2 photos could not be answered" in out.err
+    lines = out.out.splitlines()
+    assert lines[0].startswith(f"(unknown below cosine {metrics['threshold']:.4f}")
+    assert lines[1] == f"{photo}: {manifest['identity'].iloc[0]}"
+    best = lines[2].split()
+    assert best[1] == manifest["identity"].iloc[0] and float(best[2]) == pytest.approx(1.0, abs=1e-3)
+    assert f"{blank}: no_face: no face found" in out.out
+    assert f"{corrupt}: error:" in out.out and "corrupt.jpg" in out.out
+    assert "2 of 3 photos could not be answered" in out.err
+
+    # A threshold above every cosine makes the same photo `unknown`; a folder writes a CSV.
+    folder = workspace / "data/raw/images" / manifest["identity"].iloc[0]
+    assert run_cli("search", str(folder), "--threshold", "1.01", "--csv", "answers.csv") == 0
+    answers = pd.read_csv(workspace / "answers.csv")
+    assert set(answers["verdict"]) == {"unknown"} and (answers["rank"] == 1).sum() == len(
+        list(folder.iterdir())
+    )
+
+    # The Python API answers like the CLI.
+    from arcface.search import search_photos
+
+    (result,) = search_photos([photo], k=2)
+    assert result.identity == manifest["identity"].iloc[0] and len(result.matches) == 2
+
+    # An approximate index over one vector per identity, rebuilt through the CLI, answers the same.
+    assert run_cli("index", "--set", "index.type=hnsw", "--set", "index.gallery=identity") == 0
+    info = read_json(workspace / "data/index/index.json")
+    assert (info["type"], info["gallery"], info["count"]) == ("hnsw", "identity", 20)
+    (result,) = search_photos([photo], k=2)
+    assert result.matches[0].identity == manifest["identity"].iloc[0]
 
 
 def test_cross_trained_run_scores_each_fold_with_the_model_blind_to_it(
@@ -121,6 +158,15 @@ def test_cross_trained_run_scores_each_fold_with_the_model_blind_to_it(
     ]
     folds = pd.read_csv(workspace / "reports/folds.csv")
     assert folds["model"].tolist() == [f"group-{fold // 5}" for fold in range(10)]
+    # Identification: each model enrols and probes only the people it never trained on.
+    manifest = pd.read_parquet(workspace / "data/aligned/manifest.parquet")
+    per_model = metrics["identification"]["models"]
+    for group, found in enumerate(per_model):
+        trained = set(read_json(workspace / f"models/group-{group}/split.json")["identities"])
+        unseen = manifest[~manifest["identity"].isin(trained)]
+        assert found["gallery"] == unseen["identity"].nunique()
+        assert found["gallery"] + found["mated_probes"] == len(unseen)
+    assert metrics["identification"]["mated_probes"] == sum(m["mated_probes"] for m in per_model)
 
     import mlflow
 
@@ -235,3 +281,56 @@ def test_dvc_repro_twice_then_flow_in_process_skips_everything(
     assert metrics == read_json(workspace / "reports/metrics.json")
     assert checkpoint.stat().st_mtime_ns == before
     assert read_json(workspace / "reports/mlflow_run.json") == run_file  # no second MLflow run
+
+    # Versioned data: the project's default remote (a folder beside the workspace) keeps the raw data,
+    # the aligned store and the checkpoints; with the local cache gone, `dvc pull` brings them back.
+    dvc = (sys.executable, "-m", "dvc")
+    shutil.copy(ROOT / ".dvc/config", workspace / ".dvc/config")
+    sh(*dvc, "push", cwd=workspace)
+    assert (tmp_path / "arcface-dvc-remote").is_dir()
+    for folder in ("models", "data/aligned", ".dvc/cache"):
+        shutil.rmtree(workspace / folder)
+    sh(*dvc, "pull", cwd=workspace)
+    assert checkpoint.exists() and "up to date" in sh(*dvc, "status", cwd=workspace)
+
+    # An experiment through DVC: only train and what follows rerun; `dvc exp show` lists it.
+    run = sh(*dvc, "exp", "run", "-S", "train.loss=softmax", "-n", "softmax-exp", cwd=workspace)
+    assert "Running stage 'train'" in run and "Running stage 'align'" not in run
+    shown = sh(*dvc, "exp", "show", "--csv", cwd=workspace)
+    assert "softmax-exp" in shown and "softmax" in shown
+
+
+@pytest.mark.slow
+def test_comparison_grid_makes_one_tracked_run_per_combination(
+    tmp_path: Path, tiny_dataset: dict[str, Path], monkeypatch, prefect_harness
+) -> None:
+    """The course report's four runs, each in its own folder over the shared aligned data, each an MLflow
+    run with its own params, all tagged with one grid id; the project's own outputs are untouched."""
+    import mlflow
+
+    from flows.compare import compare_grid
+
+    workspace = make_workspace(tmp_path / "ws", tiny_params(tiny_dataset, batch_size=32))
+    monkeypatch.chdir(workspace)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
+    rows = compare_grid(overrides={"tracking.log_model": False})
+    assert [r["run"] for r in rows] == [
+        "softmax-resnet34",
+        "softmax-resnet50",
+        "arcface-resnet34",
+        "arcface-resnet50",
+    ]
+    assert not (workspace / "models").exists()  # the project's own outputs are not touched
+    assert (workspace / "runs/arcface-resnet50/data/aligned").resolve() == (workspace / "data/aligned")
+    client = mlflow.MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("train-and-eval").experiment_id])
+    assert len(runs) == 4 and len({r.data.tags["grid"] for r in runs}) == 1
+    by_name = {r.info.run_name: r for r in runs}
+    assert set(by_name) == {r["run"] for r in rows}
+    run = by_name["softmax-resnet50"]
+    assert (run.data.params["train.loss"], run.data.params["train.backbone"]) == ("softmax", "resnet50")
+    assert run.data.metrics["accuracy_mean"] == pytest.approx(rows[1]["accuracy_mean"])
+    # Different models were trained: their embeddings differ.
+    first = np.load(workspace / "runs/softmax-resnet34/data/embeddings/group-0/flip.npy")
+    second = np.load(workspace / "runs/arcface-resnet34/data/embeddings/group-0/flip.npy")
+    assert first.shape == second.shape and not np.allclose(first, second)

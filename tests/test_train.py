@@ -309,3 +309,12 @@ def test_train_stage_resumes_an_interrupted_run(aligned_tiny: Path, tmp_path: Pa
     angles = np.load(out / "group-0" / "angles.npy")
     assert len(angles) == len(result.split.rows) and 0 < angles.mean() < 120
     assert not (tmp_path / ".models.progress").exists()
+
+
+def test_shift_moves_each_image_by_its_own_whole_pixels() -> None:
+    from arcface.data.datasets import shift_images
+
+    images = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).reshape(2, 3, 5, 5)
+    moved = shift_images(images, torch.tensor([[1, 0], [0, -2]]))  # right by 1; up by 2
+    assert torch.equal(moved[0, :, :, 1:], images[0, :, :, :4]) and (moved[0, :, :, 0] == 0).all()
+    assert torch.equal(moved[1, :, :3], images[1, :, 2:]) and (moved[1, :, 3:] == 0).all()

@@ -276,51 +276,85 @@ class AlignResult:
     resumed_chunks: int
 
 
-def run(params: AlignParams, images_dir: Path, out_dir: Path) -> AlignResult:
-    """Align every image under `images_dir` into an aligned store at `out_dir`.
+@dataclass
+class AlignJob:
+    """One align run cut into chunks of `params.chunk_size` images: plan it, align its chunks (in any
+    order, in any process or thread: each is saved beside `out_dir` as it finishes), then finish it into
+    the store. An interrupted job resumes from the chunks already saved (same images, same params)."""
 
-    Work is done in chunks of `params.chunk_size` images, each saved next to `out_dir` as it finishes;
-    an interrupted run resumes from the chunks already done (same images, same params).
-    """
-    images_dir, out_dir = Path(images_dir), Path(out_dir)
-    listing = list_images(images_dir)
-    if listing.empty:
-        raise FileNotFoundError(f"{images_dir}: no images in person folders (<Person>/<image>)")
-    chunks = store.ChunkCache(out_dir, _work_key(params, images_dir, listing))
-    aligner: FaceAligner | None = None
-    started, aligned_now, resumed = time.perf_counter(), 0, 0
-    progress = tqdm(total=len(listing), desc="align", unit="img", disable=None)
-    for index, start in enumerate(range(0, len(listing), params.chunk_size)):
-        part = listing.iloc[start : start + params.chunk_size]
-        if chunks.done(index):
-            resumed += 1
-            progress.update(len(part))
-            continue
-        aligner = aligner or FaceAligner(params)
-        faces, detections = _align_chunk(aligner, params, images_dir, part, progress)
-        chunks.save(index, faces, store.build_manifest(part, detections))
-        aligned_now += len(part)
+    params: AlignParams
+    images_dir: Path
+    out_dir: Path
+    listing: pd.DataFrame
+    chunks: store.ChunkCache
+
+    @classmethod
+    def plan(cls, params: AlignParams, images_dir: Path, out_dir: Path) -> AlignJob:
+        images_dir, out_dir = Path(images_dir), Path(out_dir)
+        listing = list_images(images_dir)
+        if listing.empty:
+            raise FileNotFoundError(f"{images_dir}: no images in person folders (<Person>/<image>)")
+        chunks = store.ChunkCache(out_dir, _work_key(params, images_dir, listing))
+        return cls(params, images_dir, out_dir, listing, chunks)
+
+    @property
+    def chunk_count(self) -> int:
+        return -(-len(self.listing) // self.params.chunk_size)
+
+    def part(self, index: int) -> pd.DataFrame:
+        start = index * self.params.chunk_size
+        return self.listing.iloc[start : start + self.params.chunk_size]
+
+    def pending(self) -> list[int]:
+        """Chunks not saved yet."""
+        return [index for index in range(self.chunk_count) if not self.chunks.done(index)]
+
+    def align_chunk(self, index: int, aligner: FaceAligner | None = None, progress: tqdm | None = None) -> int:
+        """Align and save chunk `index`; returns how many images it held."""
+        part = self.part(index)
+        aligner = aligner or FaceAligner(self.params)
+        progress = progress or tqdm(total=len(part), desc=f"align chunk {index}", unit="img", disable=True)
+        faces, detections = _align_chunk(aligner, self.params, self.images_dir, part, progress)
+        self.chunks.save(index, faces, store.build_manifest(part, detections))
+        return len(part)
+
+    def finish(self, aligned_now: int, seconds: float, resumed: int) -> AlignResult:
+        """Assemble the saved chunks into the store (published in one rename) and summarize it."""
+        manifest = self.chunks.manifest()
+        _check_strict(self.params, self.images_dir, manifest)
+        summary = store.summarize(manifest, aligned_now / seconds if aligned_now else float("nan"))
+        with atomic_path(self.out_dir, directory=True) as temp:
+            self.chunks.assemble(temp)
+            store.write_manifest(temp, manifest)
+            store.write_contact_sheet(temp, manifest)
+            extra = {"resumed_chunks": resumed, "params": self.params.model_dump()}
+            store.write_summary(temp, {**summary, **extra})
+        self.chunks.clear()
+        result = AlignResult(
+            self.out_dir,
+            len(self.listing),
+            summary["counts"],
+            summary["images_per_second"],
+            summary["mean_residual"],
+            resumed,
+        )
+        _log_result(result, self.images_dir, manifest)
+        return result
+
+
+def run(params: AlignParams, images_dir: Path, out_dir: Path) -> AlignResult:
+    """Align every image under `images_dir` into an aligned store at `out_dir`, chunk by chunk
+    (see `AlignJob`: an interrupted run resumes from its finished chunks)."""
+    job = AlignJob.plan(params, images_dir, out_dir)
+    pending = job.pending()
+    started, aligned_now = time.perf_counter(), 0
+    progress = tqdm(total=len(job.listing), desc="align", unit="img", disable=None)
+    progress.update(len(job.listing) - sum(len(job.part(index)) for index in pending))
+    aligner = FaceAligner(params) if pending else None
+    for index in pending:
+        aligned_now += job.align_chunk(index, aligner, progress)
     progress.close()
-    elapsed = time.perf_counter() - started
-    manifest = chunks.manifest()
-    _check_strict(params, images_dir, manifest)
-    summary = store.summarize(manifest, aligned_now / elapsed if aligned_now else float("nan"))
-    with atomic_path(out_dir, directory=True) as temp:
-        chunks.assemble(temp)
-        store.write_manifest(temp, manifest)
-        store.write_contact_sheet(temp, manifest)
-        store.write_summary(temp, {**summary, "resumed_chunks": resumed, "params": params.model_dump()})
-    chunks.clear()
-    result = AlignResult(
-        out_dir,
-        len(listing),
-        summary["counts"],
-        summary["images_per_second"],
-        summary["mean_residual"],
-        resumed,
-    )
-    _log_result(result, images_dir, manifest)
-    return result
+    return job.finish(aligned_now, time.perf_counter() - started, job.chunk_count - len(pending))
 
 
 def _align_chunk(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from arcface.data.store import usable_rows
 
@@ -62,6 +63,20 @@ def to_model_input(faces: torch.Tensor) -> torch.Tensor:
     return images.contiguous(memory_format=torch.channels_last)
 
 
+def shift_images(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Translate each (3, H, W) image by its own whole-pixel (dx, dy), filling with zeros (mid-grey after
+    normalization): a cheap stand-in for the detector's jitter. (B, 3, H, W), (B, 2) -> (B, 3, H, W)."""
+    batch, _, height, width = images.shape
+    theta = torch.zeros(batch, 2, 3, device=images.device, dtype=images.dtype)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    # affine_grid works in [-1, 1] coordinates: one pixel is 2 / size; sampling at +d moves content by -d.
+    theta[:, 0, 2] = -2.0 * shifts[:, 0].to(images.dtype) / width
+    theta[:, 1, 2] = -2.0 * shifts[:, 1].to(images.dtype) / height
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    moved = F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return moved.contiguous(memory_format=torch.channels_last)
+
+
 class DeviceBatches:
     """Shuffled batches of faces held on the training device, with random horizontal flips.
 
@@ -82,6 +97,7 @@ class DeviceBatches:
         world: int = 1,
         rank: int = 0,
         accumulate: int = 1,
+        shift: int = 0,
     ) -> None:
         parts = world * accumulate
         if batch_size % parts:
@@ -97,7 +113,7 @@ class DeviceBatches:
         self.labels = torch.as_tensor(np.array(labels, dtype=np.int64), device=device)
         self.batch_size, self.device, self.seed, self.flip = batch_size, device, seed, flip
         self.micro_size = batch_size // parts
-        self.rank, self.accumulate = rank, accumulate
+        self.rank, self.accumulate, self.shift = rank, accumulate, shift
 
     def __len__(self) -> int:
         # The last incomplete batch is dropped: BatchNorm and the schedule prefer equal batches.
@@ -108,6 +124,8 @@ class DeviceBatches:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.faces), generator=generator).to(self.device)
         flips = torch.rand(len(self.faces), generator=generator).to(self.device) < 0.5
+        shifts = torch.randint(-self.shift, self.shift + 1, (len(self.faces), 2), generator=generator)
+        shifts = shifts.to(self.device)
         for step in range(len(self)):
             micro_batches = []
             for part in range(self.rank * self.accumulate, (self.rank + 1) * self.accumulate):
@@ -116,5 +134,7 @@ class DeviceBatches:
                 images = to_model_input(self.faces[index])
                 if self.flip:
                     images = torch.where(flips[index][:, None, None, None], images.flip(3), images)
+                if self.shift:
+                    images = shift_images(images, shifts[index])
                 micro_batches.append((images, self.labels[index]))
             yield micro_batches

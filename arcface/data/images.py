@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 from typing import TypeVar
 
 import numpy as np
@@ -29,8 +30,8 @@ class ImageReadError(ValueError):
     """A file that can't be used as a photo; the message is the reason."""
 
 
-def load_rgb(path: Path, max_pixels: int = 50_000_000, min_side: int = 1) -> np.ndarray:
-    """Decode an image to (H, W, 3) uint8 RGB.
+def load_rgb(path: Path | BinaryIO, max_pixels: int = 50_000_000, min_side: int = 1) -> np.ndarray:
+    """Decode an image (a path or an open binary file) to (H, W, 3) uint8 RGB.
 
     Greyscale, palette, RGBA, CMYK and 16-bit images are converted; the size is checked from the header
     before anything is decoded, so a decompression bomb costs nothing.

@@ -78,6 +78,12 @@ class FaceResNet(nn.Module):
         return self.head(self.stages(self.stem(images)))
 
 
+@register_backbone("resnet18")
+def resnet18(embedding_size: int = 512, dropout: float = 0.0) -> nn.Module:
+    """ResNet18 with the same stem and head: basic blocks [2, 2, 2, 2] (for quick CPU recipes)."""
+    return FaceResNet(BasicBlock, [2, 2, 2, 2], embedding_size, dropout)
+
+
 @register_backbone("resnet34")
 def resnet34(embedding_size: int = 512, dropout: float = 0.0) -> nn.Module:
     """The seed's ResNet34: basic blocks [3, 4, 6, 3]."""

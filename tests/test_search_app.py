@@ -1,0 +1,216 @@
+"""The search page's API through FastAPI's test client, and the page itself in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import make_workspace, tiny_params
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from arcface import cli
+from arcface.config import load_params
+from arcface.files import read_json
+from arcface.search_app import UploadLimits, create_app, image_type, load_service
+
+LIMITS = UploadLimits(max_bytes=400_000, max_files=6, max_pixels=4_000_000)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: dict[str, Path]) -> Path:
+    """A workspace with every stage up to evaluate run on the tiny dataset (no MLflow run)."""
+    folder = make_workspace(tmp_path_factory.mktemp("search-app") / "ws", tiny_params(tiny_dataset))
+    before = Path.cwd()
+    os.chdir(folder)
+    try:
+        for stage in ("download", "align", "train", "embed", "index", "evaluate"):
+            assert cli.main([stage]) == 0, stage
+    finally:
+        os.chdir(before)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def client(workspace: Path) -> TestClient:
+    params = load_params(workspace / "params.yaml")
+    service = load_service(
+        params,
+        workspace / "models/group-0/checkpoint.pt",
+        workspace / "data/index",
+        workspace / "data/aligned",
+        workspace / "reports",
+        LIMITS,
+    )
+    return TestClient(create_app(service))
+
+
+def gallery_photo(workspace: Path) -> tuple[Path, str]:
+    manifest = pd.read_parquet(workspace / "data/aligned/manifest.parquet")
+    return workspace / "data/raw/images" / manifest["path"].iloc[0], manifest["identity"].iloc[0]
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_image_types_are_recognized_by_their_first_bytes() -> None:
+    assert image_type(b"\xff\xd8\xff\xe0rest") == "JPEG"
+    assert image_type(png(np.zeros((4, 4, 3), np.uint8))[:16]) == "PNG"
+    assert image_type(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "WEBP"
+    assert image_type(b"%PDF-1.7") is None and image_type(b"") is None
+
+
+def test_info_names_the_model_and_index(client: TestClient, workspace: Path) -> None:
+    about = client.get("/info").json()
+    metrics = read_json(workspace / "reports/metrics.json")
+    assert about["gallery_size"] == 80 and about["identities"] == 20
+    assert about["threshold"] == pytest.approx(metrics["threshold"]) and about["index_type"] == "flat"
+    assert client.get("/").text.startswith("<!doctype html>")
+
+
+def test_search_answers_good_photos_and_explains_bad_ones(client: TestClient, workspace: Path) -> None:
+    photo, identity = gallery_photo(workspace)
+    good = photo.read_bytes()
+    noise = np.random.default_rng(0).integers(0, 255, (700, 700, 3), dtype=np.uint8)
+    uploads = [
+        ("files", ("face.jpg", good, "image/jpeg")),
+        ("files", ("blank.png", png(np.full((200, 200, 3), 90, np.uint8)), "image/png")),
+        ("files", ("broken.jpg", good[:400], "image/jpeg")),
+        ("files", ("notes.txt", b"hello, not a photo", "text/plain")),
+        ("files", ("huge.png", png(noise), "image/png")),  # ~1.5 MB, over the 400 kB cap
+        ("files", ("wide.png", png(np.zeros((1000, 5000, 3), np.uint8)), "image/png")),  # 5 MP > 4 MP
+    ]
+    response = client.post("/search", files=uploads, data={"k": "3"})
+    assert response.status_code == 200
+    face, blank, broken, notes, huge, wide = response.json()["results"]
+    assert face["status"] == "ok" and face["identity"] == identity
+    assert face["matches"][0]["identity"] == identity and face["matches"][0]["score"] == pytest.approx(
+        1, abs=1e-3
+    )
+    assert len(face["matches"]) == 3 and face["matches"][0]["face"].startswith("data:image/png;base64,")
+    assert face["photo"].startswith("data:image/jpeg;base64,") and len(face["box"]) == 4
+    aligned = Image.open(io.BytesIO(base64.b64decode(face["face"].split(",", 1)[1])))
+    assert aligned.size == (112, 112)
+    assert (blank["status"], blank["reason"]) == ("no_face", "blank.png: no face found")
+    assert broken["status"] == "error" and "broken.jpg: unreadable image" in broken["reason"]
+    assert notes["status"] == "error" and "not an image this page accepts" in notes["reason"]
+    assert huge["status"] == "error" and "file too large" in huge["reason"]
+    assert wide["status"] == "error" and "image too large: 5000x1000" in wide["reason"]
+    # The server keeps serving after all that.
+    again = client.post("/search", files=[("files", ("face.jpg", good, "image/jpeg"))])
+    assert again.json()["results"][0]["identity"] == identity
+
+
+def test_a_threshold_above_every_cosine_answers_unknown(workspace: Path) -> None:
+    params = load_params(workspace / "params.yaml")
+    strict = load_service(
+        params,
+        workspace / "models/group-0/checkpoint.pt",
+        workspace / "data/index",
+        workspace / "data/aligned",
+        workspace / "reports",
+    )
+    strict.searcher.threshold = 1.5
+    photo, identity = gallery_photo(workspace)
+    answer = strict.search("face.jpg", photo.read_bytes(), 2)
+    assert answer["identity"] == "unknown" and answer["matches"][0]["identity"] == identity
+
+
+def test_too_many_files_or_a_bad_k_are_refused(client: TestClient, workspace: Path) -> None:
+    photo, _ = gallery_photo(workspace)
+    files = [("files", (f"{i}.jpg", photo.read_bytes(), "image/jpeg")) for i in range(7)]
+    response = client.post("/search", files=files)
+    assert response.status_code == 413 and "the limit is 6" in response.json()["detail"]
+    response = client.post("/search", files=files[:1], data={"k": "0"})
+    assert response.status_code == 422
+
+
+def test_verify_compares_two_photos(client: TestClient, workspace: Path) -> None:
+    photo, _ = gallery_photo(workspace)
+    good = photo.read_bytes()
+    same = client.post("/verify", files={"first": ("a.jpg", good), "second": ("b.jpg", good)}).json()
+    assert same["cosine"] == pytest.approx(1.0, abs=1e-3) and same["same"] is True
+    assert all(face["face"].startswith("data:image/png") for face in same["faces"])
+    blank = png(np.full((200, 200, 3), 90, np.uint8))
+    half = client.post("/verify", files={"first": ("a.jpg", good), "second": ("blank.png", blank)}).json()
+    assert half["cosine"] is None and half["faces"][1]["reason"] == "blank.png: no face found"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver")
+def test_page_in_a_real_browser_shows_the_right_name_first(workspace: Path, tmp_path: Path) -> None:
+    """Upload a photo through the page in headless Chromium; the right name comes first, with its gallery
+    face. The screenshot goes to $SEARCH_PAGE_SCREENSHOT when set (the README's picture)."""
+    import uvicorn
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    params = load_params(workspace / "params.yaml")
+    service = load_service(
+        params,
+        workspace / "models/group-0/checkpoint.pt",
+        workspace / "data/index",
+        workspace / "data/aligned",
+        workspace / "reports",
+    )
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        photo, identity = gallery_photo(workspace)
+        browser.get(f"http://127.0.0.1:{port}/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: "index of 80 faces" in b.find_element(By.ID, "about").text)
+        browser.find_element(By.ID, "photos").send_keys(str(photo))
+        browser.find_element(By.ID, "search-button").click()
+        wait.until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, ".result")))
+        first = browser.find_element(By.CSS_SELECTOR, ".result .match.best")
+        assert first.find_element(By.CLASS_NAME, "identity").text == f"1. {identity}"
+        thumbnail = first.find_element(By.TAG_NAME, "img")
+        assert thumbnail.get_attribute("src").startswith("data:image/png") and thumbnail.size["width"] == 112
+        assert browser.find_element(By.CSS_SELECTOR, ".verdict").text in (f"match: {identity}", "unknown")
+        if os.environ.get("SEARCH_PAGE_SCREENSHOT"):
+            browser.save_screenshot(os.environ["SEARCH_PAGE_SCREENSHOT"])
+        # A bad upload gets a message on the page, and the page keeps working.
+        notes = tmp_path / "notes.txt"
+        notes.write_text("not a photo")
+        browser.find_element(By.ID, "photos").send_keys(str(notes))
+        browser.find_element(By.ID, "search-button").click()
+        wait.until(lambda b: "not an image this page accepts" in b.find_element(By.ID, "results").text)
+    finally:
+        browser.quit()
+        server.should_exit = True
+        thread.join(timeout=10)
