@@ -4,7 +4,8 @@
     python -m flows.compare --set train.epochs=20             # the same grid with other shared params
     python -m flows.compare --grid train.loss=softmax,arcface --grid train.scale=16,32,64
 
-Download and align run once in the project (as in `train-and-eval`, kept in step with DVC); each
+Download and align run once in the project with params.yaml's values (as in `train-and-eval`, kept in
+step with DVC; overriding download.* or align.* here is refused); each
 combination then trains, embeds, indexes, evaluates and tracks in its own folder `runs/<name>/` (its
 `data/raw` and `data/aligned` link to the project's), so runs never overwrite each other or the project's
 outputs. Each is one MLflow run named after its combination, tagged with the grid's id: select them in the
@@ -35,7 +36,7 @@ from arcface.layout import Layout
 from arcface.workspace_lock import workspace_lock
 from flows.train_and_eval import chunk_workers
 from tasks import stages
-from tasks.dvc_sync import DvcSync
+from tasks.dvc_sync import DvcSync, run_stages
 
 COURSE_REPORT_GRID: dict[str, list[Any]] = {
     "train.loss": ["softmax", "arcface"],
@@ -84,16 +85,16 @@ def compare_grid(
 
 def _compare(grid: dict[str, list[Any]], overrides: dict[str, Any], params_file: str) -> list[dict[str, Any]]:
     logger = get_run_logger()
+    shared = sorted(k for k in [*overrides, *grid] if k.split(".")[0] in ("download", "align"))
+    if shared:
+        raise ValueError(
+            f"{', '.join(shared)}: the grid's runs share the project's downloaded and aligned data, so "
+            "download.* and align.* come from params.yaml only"
+        )
     project = Layout()
-    base = load_params(params_file, overrides)
     sync = DvcSync() if DvcSync.available() else None
-    for name, stage_task in (("download", stages.download), ("align", stages.align_faces)):
-        if sync is not None and sync.up_to_date(name):
-            logger.info("stage %s: up to date, skipped", name)
-            continue
-        stage_task(base, project)
-        if sync is not None:
-            sync.commit(name)
+    shared_stages = [("download", stages.download), ("align", stages.align_faces)]
+    run_stages(shared_stages, load_params(params_file), project, sync, logger)
     grid_id = uuid.uuid4().hex[:8]
     rows = []
     for combination in combinations(grid):

@@ -29,7 +29,7 @@ from arcface.files import read_json
 from arcface.layout import Layout
 from arcface.workspace_lock import workspace_lock
 from tasks import stages
-from tasks.dvc_sync import DvcSync
+from tasks.dvc_sync import DvcSync, run_stages
 
 STAGES: list[tuple[str, Callable[..., Any]]] = [
     ("download", stages.download),
@@ -69,13 +69,7 @@ def _run_stages(overrides: dict[str, Any], params_file: str) -> dict[str, Any]:
     if sync is None:
         logger.info("DVC bookkeeping off (%s)", "overrides given" if overrides else "no DVC project")
 
-    for name, stage_task in STAGES:
-        if sync is not None and sync.up_to_date(name):
-            logger.info("stage %s: up to date, skipped", name)
-            continue
-        stage_task(params, layout)
-        if sync is not None:
-            sync.commit(name)
+    run_stages(STAGES, params, layout, sync, logger)
 
     metrics = read_json(layout.reports / "metrics.json")
     commit = _git_commit()

@@ -8,7 +8,9 @@ would. So after either door, `dvc status` is clean and the other door recomputes
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -40,3 +42,21 @@ class DvcSync:
         with Repo(str(self.root)) as repo:
             repo.commit(stage, force=True)
         logger.info("dvc: committed stage %s", stage)
+
+
+def run_stages(
+    stages: Sequence[tuple[str, Callable[..., Any]]],
+    params: Any,
+    layout: Any,
+    sync: DvcSync | None,
+    log: Any = logger,
+) -> None:
+    """Run each (name, task) on (params, layout), skipping the ones DVC says are up to date and
+    committing the ones that ran, so DVC's record stays in step (no `sync`: just run them)."""
+    for name, stage_task in stages:
+        if sync is not None and sync.up_to_date(name):
+            log.info("stage %s: up to date, skipped", name)
+            continue
+        stage_task(params, layout)
+        if sync is not None:
+            sync.commit(name)

@@ -21,7 +21,7 @@ from PIL import Image
 from arcface import cli
 from arcface.config import load_params
 from arcface.files import read_json
-from arcface.search_app import UploadLimits, create_app, image_type, load_service
+from arcface.search_app import SearchService, UploadLimits, create_app, image_type, load_service
 
 LIMITS = UploadLimits(max_bytes=400_000, max_files=6, max_pixels=4_000_000)
 
@@ -40,18 +40,21 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: dict[str, 
     return folder
 
 
-@pytest.fixture(scope="module")
-def client(workspace: Path) -> TestClient:
-    params = load_params(workspace / "params.yaml")
-    service = load_service(
-        params,
+def service_of(workspace: Path, limits: UploadLimits | None = None) -> SearchService:
+    """The search service over the workspace's model, index, aligned faces and reports."""
+    return load_service(
+        load_params(workspace / "params.yaml"),
         workspace / "models/group-0/checkpoint.pt",
         workspace / "data/index",
         workspace / "data/aligned",
         workspace / "reports",
-        LIMITS,
+        limits or UploadLimits(),
     )
-    return TestClient(create_app(service))
+
+
+@pytest.fixture(scope="module")
+def client(workspace: Path) -> TestClient:
+    return TestClient(create_app(service_of(workspace, LIMITS)))
 
 
 def gallery_photo(workspace: Path) -> tuple[Path, str]:
@@ -114,14 +117,7 @@ def test_search_answers_good_photos_and_explains_bad_ones(client: TestClient, wo
 
 
 def test_a_threshold_above_every_cosine_answers_unknown(workspace: Path) -> None:
-    params = load_params(workspace / "params.yaml")
-    strict = load_service(
-        params,
-        workspace / "models/group-0/checkpoint.pt",
-        workspace / "data/index",
-        workspace / "data/aligned",
-        workspace / "reports",
-    )
+    strict = service_of(workspace)
     strict.searcher.threshold = 1.5
     photo, identity = gallery_photo(workspace)
     answer = strict.search("face.jpg", photo.read_bytes(), 2)

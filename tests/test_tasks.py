@@ -83,3 +83,18 @@ def test_align_stage_mapped_over_chunks_builds_the_same_store(
     assert (mapped["status"] == single["status"]).all()
     assert np.array_equal(np.load(layout.aligned / "faces.npy"), np.load(aligned_tiny / "faces.npy"))
     assert not any(layout.aligned.parent.glob(".aligned.chunks"))  # chunks are cleared once assembled
+
+
+def test_comparison_grid_refuses_to_override_the_shared_data_stages(
+    prefect_harness, tmp_path: Path, monkeypatch
+) -> None:
+    from flows.compare import compare_grid
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"align\.factor: the grid's runs share the project's downloaded"):
+        compare_grid(
+            grid={"train.loss": ["softmax"]},
+            overrides={"align.factor": 0.7},
+            params_file=str(ROOT / "params.yaml"),
+        )
+    assert list(tmp_path.iterdir()) == [tmp_path / ".pipeline.lock"]  # nothing else was written
