@@ -116,6 +116,17 @@ def test_search_answers_good_photos_and_explains_bad_ones(client: TestClient, wo
     assert again.json()["results"][0]["identity"] == identity
 
 
+def test_a_photo_with_several_faces_uses_one_and_says_so(client: TestClient, workspace: Path) -> None:
+    manifest = pd.read_parquet(workspace / "data/aligned/manifest.parquet")
+    people = manifest.drop_duplicates("identity")["path"].iloc[:2]
+    photos = [np.asarray(Image.open(workspace / "data/raw/images" / path).convert("RGB")) for path in people]
+    side_by_side = png(np.concatenate(photos, axis=1))  # two people, neither in the centre
+    answer = client.post("/search", files=[("files", ("two.png", side_by_side, "image/png"))]).json()
+    (result,) = answer["results"]
+    assert result["status"] == "ok" and result["reason"].endswith("faces, kept the most central")
+    assert int(result["reason"].split()[0]) >= 2 and result["box"] is not None
+
+
 def test_a_threshold_above_every_cosine_answers_unknown(workspace: Path) -> None:
     strict = service_of(workspace)
     strict.searcher.threshold = 1.5
