@@ -151,9 +151,10 @@ def format_summary(found: dict[str, Any]) -> str:
         for key, value in found.items()
         if key.startswith("dir_at_far_")
     )
+    rates = ", ".join(part for part in (f"rank-1 {_percent(found['rank1'])}", f"rank-5 "
+                      f"{_percent(found['rank5'])}", dirs) if part)  # fmt: skip
     return (
-        f"  identification: rank-1 {_percent(found['rank1'])}, rank-5 {_percent(found['rank5'])}, {dirs} "
-        f"({found['gallery']} enrolled, {found['mated_probes']} mated and "
+        f"  identification: {rates} ({found['gallery']} enrolled, {found['mated_probes']} mated and "
         f"{found['nonmated_probes']} non-mated probes)"
     )
 

@@ -200,7 +200,7 @@ def test_page_in_a_real_browser_shows_the_right_name_first(workspace: Path, tmp_
         photo, identity = gallery_photo(workspace)
         browser.get(f"http://127.0.0.1:{port}/")
         wait = WebDriverWait(browser, 60)
-        wait.until(lambda b: "index of 80 faces" in b.find_element(By.ID, "about").text)
+        wait.until(lambda b: "index of 80 faces of 20 identities" in b.find_element(By.ID, "about").text)
         browser.find_element(By.ID, "photos").send_keys(str(photo))
         browser.find_element(By.ID, "search-button").click()
         wait.until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, ".result")))
