@@ -38,9 +38,10 @@ def download(params: Params, layout: Layout) -> Path:
 
 
 @task(name="align-plan")
-def plan_alignment(params: Params, layout: Layout) -> list[int]:
-    """The chunks still to align (finished ones of an interrupted run are kept)."""
-    return align.AlignJob.plan(params.align, layout.images, layout.aligned).pending()
+def plan_alignment(params: Params, layout: Layout) -> tuple[list[int], int]:
+    """The chunks still to align (finished ones of an interrupted run are kept), and how many in all."""
+    job = align.AlignJob.plan(params.align, layout.images, layout.aligned)
+    return job.pending(), job.chunk_count
 
 
 @task(name="align-chunk")
@@ -58,8 +59,7 @@ def finish_alignment(params: Params, layout: Layout, aligned: int, seconds: floa
 def align_faces(params: Params, layout: Layout) -> Path:
     """The align stage as tasks: one per chunk of images, mapped over the flow's task runner (threads
     here; Dask or Ray workers with their task runners), then one that assembles the store."""
-    pending = plan_alignment(params, layout)
-    job_size = align.AlignJob.plan(params.align, layout.images, layout.aligned).chunk_count
+    pending, job_size = plan_alignment(params, layout)
     started = time.perf_counter()
     futures = align_chunk.map(unmapped(params), unmapped(layout), pending)
     aligned = sum(future.result() for future in futures)
