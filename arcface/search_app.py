@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import io
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,7 +23,8 @@ from PIL import Image, ImageDraw
 from arcface.config import Params
 from arcface.data import store
 from arcface.files import read_json
-from arcface.search import FaceSearcher, QueryFace, threshold_from_metrics
+from arcface.search import FaceSearcher, QueryFace, SearchResult, threshold_from_metrics
+from arcface.tracking import dvc_data_tags, git_commit
 
 # Magic numbers of the image types the page accepts; anything else is refused before decoding.
 IMAGE_SIGNATURES = {
@@ -51,11 +51,9 @@ def image_type(head: bytes) -> str | None:
     return next((kind for magic, kind in IMAGE_SIGNATURES.items() if head.startswith(magic)), None)
 
 
-def data_url(image: np.ndarray, kind: str = "PNG", longest: int | None = None) -> str:
+def data_url(image: np.ndarray, kind: str = "PNG") -> str:
     """(H, W, 3) uint8 -> a data: URL the page can show directly."""
     picture = Image.fromarray(image)
-    if longest and max(picture.size) > longest:
-        picture.thumbnail((longest, longest))
     buffer = io.BytesIO()
     picture.save(buffer, format=kind, quality=85) if kind == "JPEG" else picture.save(buffer, format=kind)
     return f"data:image/{kind.lower()};base64,{base64.b64encode(buffer.getvalue()).decode()}"
@@ -117,10 +115,9 @@ class SearchService:
         if query.status != "ok":
             return answer
         matches = self.searcher.matches(query, k)
-        threshold = self.searcher.threshold
-        best = matches[0] if matches else None
-        known = best is not None and (threshold is None or best.score >= threshold)
-        answer["identity"] = best.identity if known else "unknown"
+        answer["identity"] = SearchResult(
+            Path(name), "ok", matches=matches, threshold=self.searcher.threshold
+        ).identity
         answer["matches"] = [
             {
                 "identity": match.identity,
@@ -225,7 +222,7 @@ def workspace_about(index_info: dict[str, Any], checkpoint: Path, reports: Path)
         "checkpoint": str(checkpoint),
         "backbone": index_info.get("backbone"),
         "mlflow_run_id": read_json(run_file)["run_id"] if run_file.exists() else None,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "dvc_aligned_md5": _aligned_md5(),
         "index_type": index_info.get("type"),
         "gallery": index_info.get("gallery"),
@@ -238,17 +235,5 @@ def workspace_about(index_info: dict[str, Any], checkpoint: Path, reports: Path)
     }
 
 
-def _git_commit() -> str | None:
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return done.stdout.strip()
-
-
 def _aligned_md5() -> str | None:
-    from arcface.tracking import dvc_data_tags
-
     return dvc_data_tags().get("dvc.aligned_md5")

@@ -207,6 +207,19 @@ def promote_if_better(name: str, version: str, metrics: dict[str, Any], client: 
     return True
 
 
+def git_commit() -> str | None:
+    """The short hash of the checked-out commit, or None outside a git checkout."""
+    import subprocess
+
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return done.stdout.strip()
+
+
 def dvc_data_tags(lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
     """The DVC hashes of the raw and aligned data this run used (from dvc.lock, when there is one)."""
     import yaml

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +26,7 @@ from arcface.config import load_params, parse_override
 from arcface.evaluate import format_metrics
 from arcface.files import read_json
 from arcface.layout import Layout
+from arcface.tracking import git_commit
 from arcface.workspace_lock import workspace_lock
 from tasks import stages
 from tasks.dvc_sync import DvcSync, run_stages
@@ -72,7 +72,7 @@ def _run_stages(overrides: dict[str, Any], params_file: str) -> dict[str, Any]:
     run_stages(STAGES, params, layout, sync, logger)
 
     metrics = read_json(layout.reports / "metrics.json")
-    commit = _git_commit()
+    commit = git_commit() or "unknown"
     if sync is None or not sync.up_to_date("track"):
         tags = {"prefect.flow_run_id": flow_run.get_id() or "", "git_commit": commit}
         stages.track_run(params, layout, tags)
@@ -111,16 +111,6 @@ def _metrics_table(metrics: dict[str, Any], run_id: str, commit: str) -> str:
         ("git commit", commit),
     ]
     return "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
-
-
-def _git_commit() -> str:
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        )
-        return result.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
