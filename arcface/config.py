@@ -4,6 +4,11 @@ Every tunable value of the pipeline lives in params.yaml; this module turns it i
 An unknown key, a wrong type or an out-of-range value raises `ParamsError` naming the key and what is
 allowed. Overrides (`train.epochs=2`) are applied to the raw mapping before validation, so they are
 checked exactly like the file.
+
+Recipes: `recipes.<name>` holds train settings measured to work together at LFW scale (README, "Model
+quality"). `train.recipe` picks one; its values replace the train section's, and overrides still win
+over both. `auto` picks `gpu` when CUDA is there (and train.device isn't cpu), else `cpu`, for real data
+sets; the bundled sample keeps the train section as written (`none`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,16 @@ Device = Literal["auto", "cpu", "cuda"]
 # Kept in step with arcface.models.backbones.BACKBONES (a test checks they agree); listing the names
 # here keeps loading params free of a torch import.
 BackboneName = Literal[
-    "resnet18", "resnet34", "resnet50", "iresnet18", "iresnet34", "iresnet50", "iresnet100"
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet18-fast",
+    "resnet34-fast",
+    "resnet50-fast",
+    "iresnet18",
+    "iresnet34",
+    "iresnet50",
+    "iresnet100",
 ]
 
 
@@ -79,7 +93,12 @@ class AlignParams(_Section):
     device: Device = "auto"
 
 
+RecipeName = Literal["none", "auto", "cpu", "gpu"]
+SAMPLE_DATASET = "sample"
+
+
 class TrainParams(_Section):
+    recipe: RecipeName = "none"  # after loading: the recipe that was applied (never auto)
     backbone: BackboneName = "resnet34"
     embedding_size: int = Field(512, ge=2, le=4096)
     loss: Literal["softmax", "arcface", "cosface", "combined"] = "arcface"
@@ -100,7 +119,12 @@ class TrainParams(_Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     flip: bool = True  # random horizontal flips
     shift: int = Field(0, ge=0, le=32)  # random translations of up to this many pixels
+    zoom: float = Field(0.0, ge=0, lt=1)  # random zoom factors in [1 - zoom, 1 + zoom]
+    rotate: float = Field(0.0, ge=0, le=180)  # random rotations of up to this many degrees
+    color: float = Field(0.0, ge=0, lt=1)  # brightness/contrast/saturation factors in [1 - color, 1 + color]
+    grayscale: float = Field(0.0, ge=0, le=1)  # probability of a grey copy
     min_images_per_identity: int = Field(2, ge=1, le=1000)
+    identity_cap: int = Field(0, ge=0)  # per epoch at most this many faces of one identity (0: all)
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     compile: bool = False
     init_checkpoint: str | None = None  # backbone weights to start from (ours or a plain state_dict)
@@ -131,7 +155,8 @@ class EvaluateParams(_Section):
     protocol: Literal["view2", "view1", "csv"] = "view2"
     groups: int = Field(1, ge=1, le=50)  # view2 cross-training: G models, each blind to one group of folds
     pairs_csv: str | None = None  # csv protocol: path1,path2,same[,fold] over the aligned store's paths
-    folds: int = Field(10, ge=2, le=1000)  # csv protocol without a fold column
+    folds: int = Field(10, ge=2, le=1000)  # csv protocol without a fold column; view1 with folds
+    view1_threshold: Literal["folds", "dev_train"] = "folds"  # view1: held-out folds | pairsDevTrain.txt
     far_targets: tuple[float, ...] = Field((1e-3, 1e-2), strict=False, min_length=1)
     unscorable: Literal["wrong", "fail"] = "wrong"  # pairs with an unusable image: count as errors | stop
 
@@ -151,6 +176,7 @@ class Params(_Section):
     index: IndexParams = IndexParams()
     evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
+    recipes: dict[Literal["cpu", "gpu"], dict[str, Any]] = {}  # train settings by recipe name
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -200,7 +226,44 @@ def load_params(
         raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     if not isinstance(overrides, Mapping):
         overrides = dict(parse_override(item) for item in overrides)
-    return validate_params(apply_overrides(raw, overrides), origin=str(path))
+    return validate_params(apply_recipe(raw, overrides, str(path)), origin=str(path))
+
+
+def apply_recipe(raw: Mapping[str, Any], overrides: Mapping[str, Any], origin: str) -> dict[str, Any]:
+    """The raw params with the chosen recipe's train values over the file's, and overrides over both."""
+    merged = apply_overrides(raw, overrides)
+    train = merged.get("train")
+    name = train.get("recipe", "none") if isinstance(train, dict) else "none"
+    if not isinstance(name, str) or name not in ("auto", "cpu", "gpu"):
+        return merged  # none, or a wrong value that validation reports
+    if name == "auto":
+        name = _automatic_recipe(merged)
+        if name == "none":
+            return apply_overrides(merged, {"train.recipe": "none"})
+    recipes = merged.get("recipes") or {}
+    if not isinstance(recipes, dict) or not isinstance(recipes.get(name), dict):
+        known = ", ".join(sorted(recipes)) if isinstance(recipes, dict) else "none"
+        raise ParamsError(f"{origin}: train.recipe {name!r} has no recipes.{name} section (known: {known})")
+    allowed = [key for key in TrainParams.model_fields if key != "recipe"]
+    unknown = sorted(set(recipes[name]) - set(allowed))
+    if unknown:
+        raise ParamsError(
+            f"{origin}: recipes.{name}.{unknown[0]}: unknown train key (allowed: {', '.join(allowed)})"
+        )
+    with_recipe = apply_overrides(raw, {f"train.{key}": value for key, value in recipes[name].items()})
+    return apply_overrides(with_recipe, {**overrides, "train.recipe": name})
+
+
+def _automatic_recipe(merged: Mapping[str, Any]) -> str:
+    """`gpu` on a CUDA machine, `cpu` elsewhere; `none` for the bundled sample."""
+    download = merged.get("download") or {}
+    if not isinstance(download, dict) or download.get("dataset", SAMPLE_DATASET) == SAMPLE_DATASET:
+        return "none"
+    if (merged.get("train") or {}).get("device") == "cpu":
+        return "cpu"
+    import torch  # only here: loading params stays free of torch otherwise
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
 
 
 def validate_params(raw: Mapping[str, Any], origin: str = "params") -> Params:
@@ -213,7 +276,7 @@ def validate_params(raw: Mapping[str, Any], origin: str = "params") -> Params:
 
 
 def flatten(params: Params) -> dict[str, Any]:
-    """Dotted keys -> scalar values (lists/tuples joined), e.g. for MLflow params."""
+    """Dotted keys -> scalar values (lists/tuples joined), e.g. for MLflow params; without `recipes`."""
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -225,7 +288,8 @@ def flatten(params: Params) -> dict[str, Any]:
         else:
             flat[prefix] = value
 
-    walk("", params.model_dump(mode="json"))
+    # The recipes section is left out: the recipe that ran is in train.* (train.recipe names it).
+    walk("", params.model_dump(mode="json", exclude={"recipes"}))
     return flat
 
 

@@ -4,7 +4,10 @@
   (cross-training, for models trained on LFW itself) the folds are split into G contiguous groups; model g
   trains on every identity outside group g, scores the folds of group g, and each fold's threshold is
   chosen on the other folds of the same group. G = 1: one model that trains on no scored identity at all.
-- `view1`: one model; the threshold is chosen on `pairsDevTrain.txt`, accuracy on `pairsDevTest.txt`.
+- `view1`: one model scored on `pairsDevTest.txt`. `evaluate.view1_threshold: folds` deals those pairs into
+  `evaluate.folds` seeded folds and chooses each fold's threshold on the others (as View 2 does; the
+  published View 1 figures are measured so); `dev_train` chooses one threshold on `pairsDevTrain.txt`,
+  whose people the model trains on, so its same-person scores run high and the threshold with them.
 - `csv`: the user's pairs (`path1,path2,same[,fold]`, paths as in the aligned store); without a fold
   column the pairs are dealt into `evaluate.folds` folds in a seeded random order.
 """
@@ -54,9 +57,13 @@ def plan(params: EvaluateParams, protocols_dir: Path, seed: int = 0) -> Protocol
     if params.protocol == "view1":
         if params.groups != 1:
             raise ValueError("evaluate.groups > 1 (cross-training) needs evaluate.protocol: view2")
-        threshold_source = _existing(protocols_dir / DEV_TRAIN_FILE)
         source = _existing(protocols_dir / DEV_TEST_FILE)
         pairs = read_pairs(source).assign(group=0)
+        if params.view1_threshold == "folds":
+            return ProtocolPlan(
+                "view1", pairs.assign(fold=deal_folds(len(pairs), params.folds, seed)), source
+            )
+        threshold_source = _existing(protocols_dir / DEV_TRAIN_FILE)
         return ProtocolPlan("view1", pairs, source, read_pairs(threshold_source), threshold_source)
     if params.protocol == "csv":
         if params.pairs_csv is None:
@@ -87,6 +94,15 @@ def training_exclusions(params: EvaluateParams, protocols_dir: Path, seed: int =
     return [protocol.excluded_identities(group) for group in range(protocol.groups)]
 
 
+def deal_folds(count: int, folds: int, seed: int) -> np.ndarray:
+    """Fold numbers for `count` pairs dealt in a seeded random order, so every fold mixes matched and
+    mismatched pairs and the folds differ in size by at most one."""
+    order = np.random.default_rng(seed).permutation(count)
+    fold = np.empty(count, dtype=np.int64)
+    fold[order] = np.arange(count) % folds
+    return fold
+
+
 def read_pairs_csv(path: Path, folds: int, seed: int) -> pd.DataFrame:
     """A user's pair list: columns path1, path2, same (0/1 or true/false) and optionally fold."""
     try:
@@ -106,10 +122,8 @@ def read_pairs_csv(path: Path, folds: int, seed: int) -> pd.DataFrame:
         raise ProtocolError(f"{path}:{line}: `same` must be 1/0 or true/false")
     if "fold" in table.columns:
         fold = table["fold"].astype(int)
-    else:  # deal the pairs into folds in a seeded order, so every fold mixes matched and mismatched
-        order = np.random.default_rng(seed).permutation(len(table))
-        fold = pd.Series(np.empty(len(table), dtype=int))
-        fold.iloc[order] = np.arange(len(table)) % folds
+    else:
+        fold = pd.Series(deal_folds(len(table), folds, seed))
     return pd.DataFrame(
         {
             "fold": fold.to_numpy(),

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from arcface.config import Params, TrainParams
 from arcface.data import store
+from arcface.data.augment import Augmentation
 from arcface.data.datasets import DeviceBatches, TrainingSplit, training_split
 from arcface.device import autocast, autocast_dtype, resolve_device
 from arcface.files import atomic_path, remove, write_json
@@ -253,11 +254,13 @@ def fit(
         params.batch_size,
         device,
         seed,
-        flip=params.flip,
-        shift=params.shift,
+        augmentation=Augmentation(
+            params.flip, params.shift, params.zoom, params.rotate, params.color, params.grayscale
+        ),
         world=distributed.world,
         rank=distributed.rank,
         accumulate=params.accumulate,
+        identity_cap=params.identity_cap,
     )
     state = build_state(params, num_classes, len(batches), seed)
     if checkpoint is not None and params.resume and checkpoint.exists():
@@ -311,8 +314,11 @@ def fit(
 
 
 def _run_settings(train_params: dict[str, Any]) -> dict[str, Any]:
-    """The params that decide a run's result (not where it runs or whether it may resume)."""
-    return {k: v for k, v in train_params.items() if k not in ("device", "resume", "compile")}
+    """The params that decide a run's result (not where it runs, whether it may resume, or the recipe's
+    name: its values are there). Keys newer than a checkpoint take their defaults, which keep the old
+    behaviour (augmentations off)."""
+    settings = {**TrainParams().model_dump(mode="json"), **train_params}
+    return {k: v for k, v in settings.items() if k not in ("device", "resume", "compile", "recipe")}
 
 
 def save_checkpoint(path: Path, state: TrainingState, params: TrainParams, extra: dict[str, Any]) -> None:

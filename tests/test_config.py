@@ -38,7 +38,9 @@ def test_project_params_load_with_their_values() -> None:
     assert params.download.sources.images.url == "tests/data/sample/lfw-sample.tgz"
     assert params.align.thresholds == (0.6, 0.7, 0.7)
     assert params.train.backbone == "resnet34"
+    assert params.train.recipe == "none"  # auto keeps the sample's train section
     assert params.evaluate.protocol == "view2"
+    assert set(params.recipes) == {"cpu", "gpu"}
 
 
 def test_overrides_set_values_with_yaml_types() -> None:
@@ -127,7 +129,46 @@ def test_flatten_gives_dotted_scalars() -> None:
     assert flat["train.epochs"] == load_params(ROOT / "params.yaml").train.epochs
     assert flat["align.thresholds"] == "0.6,0.7,0.7"
     assert all(not isinstance(v, dict | list | tuple) for v in flat.values())
+    assert flat["train.recipe"] == "none" and not any(key.startswith("recipes") for key in flat)
 
 
 def test_backbone_choices_match_registry() -> None:
     assert set(typing.get_args(BackboneName)) == set(BACKBONES)
+
+
+def with_recipes(tmp_path: Path, **train: object) -> Path:
+    raw = project_params()
+    raw["train"].update(train)
+    raw["recipes"] = {"cpu": {"backbone": "resnet18", "epochs": 40}, "gpu": {"backbone": "iresnet50"}}
+    return write(tmp_path, raw)
+
+
+def test_a_recipe_replaces_train_values_and_overrides_win_over_it(tmp_path: Path) -> None:
+    path = with_recipes(tmp_path, recipe="cpu")
+    params = load_params(path)
+    assert (params.train.recipe, params.train.backbone, params.train.epochs) == ("cpu", "resnet18", 40)
+    assert params.train.lr == project_params()["train"]["lr"]  # not in the recipe: the file's value
+    overridden = load_params(path, ["train.epochs=3", "recipes.cpu.backbone=resnet50"])
+    assert (overridden.train.backbone, overridden.train.epochs) == ("resnet50", 3)
+    plain = load_params(path, ["train.recipe=none"])
+    assert (plain.train.recipe, plain.train.backbone) == ("none", project_params()["train"]["backbone"])
+
+
+def test_auto_recipe_keeps_the_sample_as_written_and_picks_cpu_on_a_cpu(tmp_path: Path) -> None:
+    path = with_recipes(tmp_path, recipe="auto", device="cpu")
+    assert load_params(path).train.recipe == "none"  # the bundled sample
+    on_lfw = load_params(path, ["download.dataset=lfw"])
+    assert (on_lfw.train.recipe, on_lfw.train.epochs) == ("cpu", 40)
+
+
+def test_recipe_mistakes_name_the_key(tmp_path: Path) -> None:
+    path = with_recipes(tmp_path)
+    with pytest.raises(ParamsError, match=r"recipes\.cpu\.epoch: unknown train key"):
+        load_params(path, ["train.recipe=cpu", "recipes.cpu.epoch=3"])
+    raw = project_params()
+    raw["train"]["recipe"] = "gpu"
+    del raw["recipes"]["gpu"]
+    with pytest.raises(ParamsError, match=r"train\.recipe 'gpu' has no recipes\.gpu section"):
+        load_params(write(tmp_path, raw))
+    with pytest.raises(ParamsError, match=r"train\.epochs"):
+        load_params(path, ["train.recipe=cpu", "recipes.cpu.epochs=0"])

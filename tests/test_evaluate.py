@@ -205,6 +205,22 @@ def test_cross_training_groups_split_the_folds(tmp_path: Path, groups: int, expe
         assert names != everyone or groups == 1
 
 
+def test_view1_thresholds_from_held_out_folds_or_from_dev_train(tmp_path: Path) -> None:
+    same = "".join(f"Ann_Lee\t{i}\t{i + 1}\n" for i in range(1, 11))
+    different = "".join(f"Ann_Lee\t{i}\tBo\t{i}\n" for i in range(1, 11))
+    (tmp_path / "pairsDevTest.txt").write_text(f"10\n{same}{different}")
+    by_folds = plan(EvaluateParams(protocol="view1", folds=5), tmp_path, seed=1)
+    assert by_folds.threshold_pairs is None  # pairsDevTrain.txt is not needed, nor read
+    assert sorted(by_folds.pairs["fold"].value_counts().tolist()) == [4] * 5
+    reshuffled = plan(EvaluateParams(protocol="view1", folds=5), tmp_path, seed=2)
+    assert by_folds.pairs["fold"].tolist() != reshuffled.pairs["fold"].tolist()  # the seed deals
+    with pytest.raises(FileNotFoundError, match=r"pairsDevTrain\.txt"):
+        plan(EvaluateParams(protocol="view1", view1_threshold="dev_train"), tmp_path)
+    (tmp_path / "pairsDevTrain.txt").write_text(f"10\n{same}{different}")
+    by_dev_train = plan(EvaluateParams(protocol="view1", view1_threshold="dev_train"), tmp_path)
+    assert len(by_dev_train.threshold_pairs) == 20 and set(by_dev_train.pairs["fold"]) == {0}
+
+
 def test_too_many_groups_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="each group needs at least 2 folds"):
         plan(EvaluateParams(groups=6), protocols_dir(tmp_path))

@@ -24,9 +24,10 @@ def test_backbone_maps_faces_to_embeddings_and_backpropagates(name: str) -> None
 @pytest.mark.parametrize(
     ("name", "millions"),
     # iresnet50: 43.6M as published with insightface's arcface_torch; the resnets carry the same
-    # 7×7 flatten → 512 head (12.8M parameters, 51.4M for resnet50's 2048 channels).
+    # 7×7 flatten → 512 head (12.8M parameters, 51.4M for resnet50's 2048 channels); the fast ones a
+    # 4×4 one (4.2M: ImageNet resnet18's 11.2M trunk without its classifier, plus 4.2M).
     [("iresnet18", 24.0), ("iresnet34", 34.1), ("iresnet50", 43.6), ("iresnet100", 65.2),
-     ("resnet34", 34.1), ("resnet50", 74.9)],
+     ("resnet34", 34.1), ("resnet50", 74.9), ("resnet18-fast", 15.4)],
 )  # fmt: skip
 def test_parameter_counts(name: str, millions: float) -> None:
     count = sum(p.numel() for p in build_backbone(name).parameters())
@@ -35,7 +36,7 @@ def test_parameter_counts(name: str, millions: float) -> None:
 
 def test_unknown_backbone_lists_known_ones() -> None:
     with pytest.raises(
-        ValueError, match="known: iresnet100, iresnet18, iresnet34, iresnet50, resnet18, resnet34, resnet50"
+        ValueError, match="known: iresnet100, iresnet18, iresnet34, iresnet50, resnet18, resnet18-fast, res"
     ):
         build_backbone("vgg16")
 

@@ -12,6 +12,7 @@ import torch
 
 from arcface.config import TrainParams
 from arcface.data import store
+from arcface.data.augment import Augmentation
 from arcface.data.datasets import DeviceBatches, training_split
 from arcface.embed import embed_faces
 from arcface.losses import MarginSoftmaxLoss
@@ -49,6 +50,26 @@ def test_batches_depend_only_on_seed_and_epoch() -> None:
     x, _ = a[0]
     assert x.shape == (8, 3, 112, 112) and x.is_contiguous(memory_format=torch.channels_last)
     assert x.min() >= -1.0 and x.max() < 1.0
+
+
+def test_identity_cap_takes_a_fresh_subset_of_big_identities_each_epoch() -> None:
+    labels = np.array([0] * 10 + [1] * 3 + [2])
+    faces = np.zeros((len(labels), 112, 112, 3), np.uint8)
+    faces[:, 0, 0, 0] = np.arange(len(labels))  # each face marks its own row
+    unflipped = Augmentation(flip=False)
+    batches = DeviceBatches(faces, labels, 5, torch.device("cpu"), 0, unflipped, identity_cap=2)
+    assert batches.epoch_size == 5 and len(batches) == 1  # 2 + 2 + 1
+
+    def rows_of(epoch: int) -> list[int]:
+        ((images, epoch_labels),) = next(iter(batches.epoch(epoch)))
+        assert sorted(np.bincount(epoch_labels.numpy(), minlength=3).tolist()) == [1, 2, 2]
+        return sorted(torch.round(images[:, 0, 0, 0] * 128 + 127.5).int().tolist())
+
+    seen = set().union(*(rows_of(epoch) for epoch in range(1, 9)))
+    assert len([row for row in seen if row < 10]) > 4  # the big identity's faces take turns
+    assert {10, 11, 12, 13} <= seen
+    with pytest.raises(ValueError, match=r"only 5 training faces \(at most 2 per identity"):
+        DeviceBatches(faces, labels, 8, torch.device("cpu"), 0, identity_cap=2)
 
 
 def test_too_few_faces_for_a_batch_is_a_clear_error() -> None:
@@ -312,9 +333,19 @@ def test_train_stage_resumes_an_interrupted_run(aligned_tiny: Path, tmp_path: Pa
 
 
 def test_shift_moves_each_image_by_its_own_whole_pixels() -> None:
-    from arcface.data.datasets import shift_images
+    from arcface.data.augment import shift_images
 
     images = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).reshape(2, 3, 5, 5)
     moved = shift_images(images, torch.tensor([[1, 0], [0, -2]]))  # right by 1; up by 2
     assert torch.equal(moved[0, :, :, 1:], images[0, :, :, :4]) and (moved[0, :, :, 0] == 0).all()
     assert torch.equal(moved[1, :, :3], images[1, :, 2:]) and (moved[1, :, 3:] == 0).all()
+
+
+def test_checkpoints_from_before_new_train_keys_still_resume() -> None:
+    from arcface.train import _run_settings
+
+    current = TrainParams(epochs=3).model_dump(mode="json")
+    older = {k: v for k, v in current.items() if k not in ("zoom", "rotate", "identity_cap", "recipe")}
+    assert _run_settings(older) == _run_settings(current)  # absent keys had their default's behaviour
+    assert _run_settings({**current, "recipe": "cpu"}) == _run_settings(current)
+    assert _run_settings({**current, "zoom": 0.1}) != _run_settings(current)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
+from arcface.data.augment import Augmentation
 from arcface.data.store import usable_rows
 
 
@@ -63,27 +63,17 @@ def to_model_input(faces: torch.Tensor) -> torch.Tensor:
     return images.contiguous(memory_format=torch.channels_last)
 
 
-def shift_images(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """Translate each (3, H, W) image by its own whole-pixel (dx, dy), filling with zeros (mid-grey after
-    normalization): a cheap stand-in for the detector's jitter. (B, 3, H, W), (B, 2) -> (B, 3, H, W)."""
-    batch, _, height, width = images.shape
-    theta = torch.zeros(batch, 2, 3, device=images.device, dtype=images.dtype)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
-    # affine_grid works in [-1, 1] coordinates: one pixel is 2 / size; sampling at +d moves content by -d.
-    theta[:, 0, 2] = -2.0 * shifts[:, 0].to(images.dtype) / width
-    theta[:, 1, 2] = -2.0 * shifts[:, 1].to(images.dtype) / height
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    moved = F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    return moved.contiguous(memory_format=torch.channels_last)
-
-
 class DeviceBatches:
-    """Shuffled batches of faces held on the training device, with random horizontal flips.
+    """Shuffled batches of faces held on the training device, augmented there (arcface.data.augment).
 
     Every step consumes `batch_size` images of one permutation that depends only on (seed, epoch), so a
     resumed run sees the same batches. The step's images are cut into `world × accumulate` equal
     micro-batches; process `rank` gets micro-batches rank·accumulate ... rank·accumulate + accumulate − 1.
     So a 2-process run and a 1-process run with `accumulate=2` compute on exactly the same micro-batches.
+
+    `identity_cap` > 0 takes at most that many faces of each identity into an epoch, a fresh random
+    subset each epoch: LFW's George W Bush has 530 faces, 8% of the training set, and a few politicians
+    take most of the rest; capped epochs spend the steps on many people instead of a few.
     """
 
     def __init__(
@@ -93,11 +83,11 @@ class DeviceBatches:
         batch_size: int,
         device: torch.device,
         seed: int,
-        flip: bool = True,
+        augmentation: Augmentation = Augmentation(),
         world: int = 1,
         rank: int = 0,
         accumulate: int = 1,
-        shift: int = 0,
+        identity_cap: int = 0,
     ) -> None:
         parts = world * accumulate
         if batch_size % parts:
@@ -105,36 +95,55 @@ class DeviceBatches:
                 f"train.batch_size {batch_size} does not split into {world} process(es) × "
                 f"train.accumulate {accumulate} equal micro-batches"
             )
-        if len(faces) < batch_size:
+        labels = np.array(labels, dtype=np.int64)
+        counts = np.bincount(labels) if len(labels) else np.zeros(0, np.int64)
+        self.epoch_size = int(np.minimum(counts, identity_cap).sum()) if identity_cap else len(faces)
+        if self.epoch_size < batch_size:
+            capped = f" (at most {identity_cap} per identity: train.identity_cap)" if identity_cap else ""
             raise ValueError(
-                f"only {len(faces)} training faces for batch_size {batch_size}: lower train.batch_size"
+                f"only {self.epoch_size} training faces{capped} for batch_size {batch_size}: "
+                "lower train.batch_size"
             )
+        self.identity_cap = identity_cap
         self.faces = torch.from_numpy(np.ascontiguousarray(faces)).to(device)  # (N, 112, 112, 3)
-        self.labels = torch.as_tensor(np.array(labels, dtype=np.int64), device=device)
-        self.batch_size, self.device, self.seed, self.flip = batch_size, device, seed, flip
+        self.labels = torch.as_tensor(labels, device=device)
+        self.batch_size, self.device, self.seed = batch_size, device, seed
+        self.augmentation = augmentation
         self.micro_size = batch_size // parts
-        self.rank, self.accumulate, self.shift = rank, accumulate, shift
+        self.rank, self.accumulate = rank, accumulate
 
     def __len__(self) -> int:
         # The last incomplete batch is dropped: BatchNorm and the schedule prefer equal batches.
-        return len(self.faces) // self.batch_size
+        return self.epoch_size // self.batch_size
 
     def epoch(self, epoch: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
         """Per step, this process's micro-batches: [(images (b, 3, 112, 112), labels (b,)), ...]."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.faces), generator=generator).to(self.device)
-        flips = torch.rand(len(self.faces), generator=generator).to(self.device) < 0.5
-        shifts = torch.randint(-self.shift, self.shift + 1, (len(self.faces), 2), generator=generator)
-        shifts = shifts.to(self.device)
+        order = torch.randperm(len(self.faces), generator=generator)
+        if self.identity_cap:
+            order = order[_first_per_label(self.labels.cpu()[order], self.identity_cap)]
+        order = order.to(self.device)
+        draws = self.augmentation.draw(len(self.faces), generator)
+        draws = {name: values.to(self.device) for name, values in draws.items()}
         for step in range(len(self)):
             micro_batches = []
             for part in range(self.rank * self.accumulate, (self.rank + 1) * self.accumulate):
                 start = step * self.batch_size + part * self.micro_size
                 index = order[start : start + self.micro_size]
                 images = to_model_input(self.faces[index])
-                if self.flip:
-                    images = torch.where(flips[index][:, None, None, None], images.flip(3), images)
-                if self.shift:
-                    images = shift_images(images, shifts[index])
+                images = self.augmentation.apply(images, {name: v[index] for name, v in draws.items()})
                 micro_batches.append((images, self.labels[index]))
             yield micro_batches
+
+
+def _first_per_label(labels: torch.Tensor, cap: int) -> torch.Tensor:
+    """Mask of the positions whose label has appeared fewer than `cap` times before them."""
+    by_label = torch.sort(labels, stable=True)
+    sorted_labels = by_label.values
+    run_start = torch.ones_like(sorted_labels, dtype=torch.bool)
+    run_start[1:] = sorted_labels[1:] != sorted_labels[:-1]
+    positions = torch.arange(len(labels))
+    start_of_run = torch.cummax(torch.where(run_start, positions, 0), dim=0).values
+    keep = torch.zeros(len(labels), dtype=torch.bool)
+    keep[by_label.indices] = positions - start_of_run < cap
+    return keep
