@@ -115,6 +115,7 @@ class TrainParams(_Section):
     schedule: Literal["cosine", "poly"] = "cosine"
     poly_power: float = Field(2.0, gt=0, le=10)
     warmup_epochs: float = Field(1.0, ge=0)
+    margin_warmup_epochs: float = Field(0.0, ge=0)  # ramp the margin in from none over this many epochs
     clip_grad_norm: float = Field(0.0, ge=0)  # 0: off
     dropout: float = Field(0.0, ge=0, lt=1)
     flip: bool = True  # random horizontal flips

@@ -39,14 +39,21 @@ class IdentificationResult:
     hits_at_rank: dict[int, int]  # rank -> mated probes whose identity is within that rank
     detected_at_far: dict[float, int]  # FAR -> mated probes ranked 1st and above that FAR's threshold
     thresholds: dict[float, float] = field(default_factory=dict)
+    # FAR -> mated probes that DIR counts over: those of experiments with non-mated probes (no threshold
+    # can be set without them), so a total over models never dilutes DIR with undetectable probes
+    dir_probes: dict[float, int] = field(default_factory=dict)
 
-    def rate(self, hits: int) -> float | None:
-        return hits / self.mated_probes if self.mated_probes else None
+    def rate(self, hits: int, probes: int | None = None) -> float | None:
+        probes = self.mated_probes if probes is None else probes
+        return hits / probes if probes else None
 
     def summary(self) -> dict[str, Any]:
         """The metrics.json form: rank-k rates, DIR at each FAR, and the counts behind them."""
         out: dict[str, Any] = {f"rank{k}": self.rate(v) for k, v in self.hits_at_rank.items()}
-        out |= {f"dir_at_far_{far:g}": self.rate(v) for far, v in self.detected_at_far.items()}
+        out |= {
+            f"dir_at_far_{far:g}": self.rate(v, self.dir_probes.get(far, 0))
+            for far, v in self.detected_at_far.items()
+        }
         out |= {f"threshold_at_far_{far:g}": t for far, t in self.thresholds.items()}
         out |= {k: v for k, v in asdict(self).items() if k in ("gallery", "mated_probes", "nonmated_probes")}
         return out
@@ -82,7 +89,7 @@ def identify(
     # Rank of the true identity: 1 + how many gallery identities score strictly higher.
     rank = 1 + (mated_scores > true_scores[:, None]).sum(axis=1)
     hits = {k: int((rank <= k).sum()) for k in ranks}
-    detected, thresholds = {}, {}
+    detected, thresholds, dir_probes = {}, {}, {}
     if len(nonmated):
         impostor_best = (vectors[nonmated].astype(np.float64) @ gallery_vectors.T).max(axis=1)
         descending = np.sort(impostor_best)[::-1]
@@ -92,7 +99,10 @@ def identify(
             threshold = float(descending[min(allowed, len(descending) - 1)])
             thresholds[far] = threshold
             detected[far] = int(((rank == 1) & (best_mated > threshold)).sum())
-    return IdentificationResult(len(gallery), len(mated), len(nonmated), hits, detected, thresholds)
+            dir_probes[far] = len(mated)
+    return IdentificationResult(
+        len(gallery), len(mated), len(nonmated), hits, detected, thresholds, dir_probes
+    )
 
 
 def combine(results: list[IdentificationResult]) -> IdentificationResult:
@@ -105,6 +115,7 @@ def combine(results: list[IdentificationResult]) -> IdentificationResult:
         nonmated_probes=sum(r.nonmated_probes for r in results),
         hits_at_rank={k: sum(r.hits_at_rank.get(k, 0) for r in results) for k in ranks},
         detected_at_far={far: sum(r.detected_at_far.get(far, 0) for r in results) for far in fars},
+        dir_probes={far: sum(r.dir_probes.get(far, 0) for r in results) for far in fars},
     )
 
 

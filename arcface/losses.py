@@ -7,6 +7,13 @@ With θ the angle between an embedding and its class centre, the target-class lo
 and every other logit stays s · cos θ_j. With m1 = 1, m2 = m3 = 0 this is exactly the naive loss
 (softmax over s·cos θ with normalized features and weights), which the tests check.
 
+Margin warm-up: `strength` in [0, 1] scales the margins towards none (m1 -> 1, m2 and m3 -> 0). The margin
+loss has a degenerate minimum: every embedding and class centre pointing one way makes every cosine 1 and
+the loss s·(1 − cos m) + ln(C − 1) (ArcFace; 11.06 at s=32, m=0.5, 1,262 classes), lower than a trunk still
+learning to separate C people reaches under a full margin, so training from scratch on a few thousand faces
+can slide into it (train accuracy falling while the loss falls). Ramping the margin in from the naive loss
+lets the classes separate first.
+
 Past π: cos(m1·θ + m2) stops decreasing once m1·θ + m2 passes π, so a badly classified sample would be
 *rewarded* for moving further from its centre. From θ* = (π − m2) / m1 on we continue with
 cos θ − cos θ* − 1 − m3: it equals the margin curve at θ* (no jump) and keeps falling as θ grows.
@@ -33,21 +40,30 @@ class MarginSoftmaxLoss(nn.Module):
         super().__init__()
         if scale <= 0 or m1 <= 0:
             raise ValueError(f"scale and m1 must be positive, got scale={scale}, m1={m1}")
-        self.scale, self.m1, self.m2, self.m3 = scale, m1, m2, m3
+        self.scale, self.full_margins = scale, (m1, m2, m3)
+        self.strength = 1.0  # margin warm-up: the fraction of the margins applied (1: all of them)
+
+    @property
+    def margins(self) -> tuple[float, float, float]:
+        """(m1, m2, m3) at the current strength."""
+        m1, m2, m3 = self.full_margins
+        return 1.0 + self.strength * (m1 - 1.0), self.strength * m2, self.strength * m3
 
     @property
     def has_margin(self) -> bool:
-        return self.m1 != 1.0 or self.m2 != 0.0 or self.m3 != 0.0
+        m1, m2, m3 = self.margins
+        return m1 != 1.0 or m2 != 0.0 or m3 != 0.0
 
     def target_logit(self, cosine: torch.Tensor) -> torch.Tensor:
         """cos θ of target classes -> the penalized cosine (before scaling), elementwise."""
-        if self.m1 == 1.0 and self.m2 == 0.0:
-            return cosine - self.m3  # CosFace: no angle needed
+        m1, m2, m3 = self.margins
+        if m1 == 1.0 and m2 == 0.0:
+            return cosine - m3  # CosFace: no angle needed
         theta = torch.acos(cosine.clamp(-_COS_LIMIT, _COS_LIMIT))
-        angle = self.m1 * theta + self.m2
-        limit = (math.pi - self.m2) / self.m1  # θ*: where the margin angle reaches π
-        beyond = cosine - math.cos(limit) - 1.0 - self.m3
-        return torch.where(angle <= math.pi, torch.cos(angle) - self.m3, beyond)
+        angle = m1 * theta + m2
+        limit = (math.pi - m2) / m1  # θ*: where the margin angle reaches π
+        beyond = cosine - math.cos(limit) - 1.0 - m3
+        return torch.where(angle <= math.pi, torch.cos(angle) - m3, beyond)
 
     def logits(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(B, C) cosines, (B,) class ids -> (B, C) scaled logits with the margin on the target."""

@@ -171,6 +171,16 @@ def lr_factor(params: TrainParams, steps_per_epoch: int) -> Callable[[int], floa
     return factor
 
 
+def margin_strength(params: TrainParams, steps_per_epoch: int) -> Callable[[int], float]:
+    """Per-step fraction of the margin applied: a linear ramp from 0 to 1 over `margin_warmup_epochs`."""
+    ramp = params.margin_warmup_epochs * steps_per_epoch
+
+    def strength(step: int) -> float:
+        return 1.0 if step >= ramp else step / ramp
+
+    return strength
+
+
 def train_one_epoch(
     state: TrainingState,
     model: nn.Module,
@@ -191,8 +201,10 @@ def train_one_epoch(
         disable=None if distributed.main else True,
     )
     parameters = [p for group in state.optimizer.param_groups for p in group["params"]]
+    strength = margin_strength(params, len(batches))
     for step, micro_batches in enumerate(steps):
         state.optimizer.zero_grad(set_to_none=True)
+        loss_fn.strength = strength(state.scheduler.last_epoch)  # the scheduler counts steps, resumes too
         for index, (images, labels) in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             # Gradients are averaged across processes once per step, on the last micro-batch.

@@ -14,6 +14,7 @@ from arcface.config import AlignParams
 from arcface.data import align, store
 from arcface.data.align import ARCFACE_TEMPLATE, similarity_transforms, warp_faces
 from arcface.data.images import load_rgb
+from arcface.files import read_json
 
 
 def rotation_scale(angle: float, scale: float, shift: tuple[float, float]) -> np.ndarray:
@@ -250,6 +251,12 @@ def test_interrupted_run_resumes_from_finished_chunks(
     assert fresh.resumed_chunks == 0
     assert np.array_equal(store.open_faces(tmp_path / "aligned"), store.open_faces(tmp_path / "fresh"))
     assert store.read_manifest(tmp_path / "aligned").equals(store.read_manifest(tmp_path / "fresh"))
+    # Same photos, same bytes, whatever the run's speed or resumes: DVC keeps the store's hash.
+    files = sorted(path.name for path in (tmp_path / "aligned").iterdir())
+    assert files == sorted(path.name for path in (tmp_path / "fresh").iterdir())
+    for name in files:
+        assert (tmp_path / "aligned" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name
+    assert read_json(store.run_facts_path(tmp_path / "aligned"))["resumed_chunks"] == 2
     assert not (tmp_path / ".aligned.chunks").exists()  # cleaned up once the store is complete
 
 

@@ -93,6 +93,17 @@ def test_totals_over_models_add_probes_and_hits() -> None:
     assert total["rank1"] == 0.5
 
 
+def test_total_dir_counts_only_probes_of_models_that_could_set_a_threshold() -> None:
+    """A model without non-mated probes has no DIR threshold: its mated probes must not dilute the total."""
+    vectors = unit([[1, 0], [0, 1], [0.9, 0.1], [0.1, 0.9], [-1, 0.2]])
+    with_impostor = identify(vectors, np.array(["a", "b", "a", "b", "x"]), far_targets=(0.5,))
+    without = identify(vectors[:4], np.array(["a", "b", "a", "b"]), far_targets=(0.5,))
+    assert with_impostor.summary()["dir_at_far_0.5"] == 1.0 and "dir_at_far_0.5" not in without.summary()
+    total = combine([with_impostor, without]).summary()
+    assert total["mated_probes"] == 4 and total["rank1"] == 1.0
+    assert total["dir_at_far_0.5"] == 1.0  # 2 of 2 countable probes, not 2 of 4
+
+
 def test_no_identity_with_two_faces_gives_no_rates_instead_of_dividing_by_zero() -> None:
     result = identify(unit([[1, 0], [0, 1]]), np.array(["a", "b"]))
     assert result.summary()["rank1"] is None and result.nonmated_probes == 2

@@ -31,6 +31,21 @@ def test_arcface_with_zero_margin_equals_naive_softmax() -> None:
     assert torch.allclose(arcface_tiny(cosine, labels), expected, atol=1e-4)
 
 
+def test_margin_strength_scales_every_margin_between_none_and_full() -> None:
+    cosine, labels = random_cosines()
+    loss = MarginSoftmaxLoss(16.0, m1=1.2, m2=0.4, m3=0.2)
+    loss.strength = 0.0
+    assert loss.margins == (1.0, 0.0, 0.0)
+    assert torch.allclose(loss(cosine, labels), F.cross_entropy(16.0 * cosine, labels))
+    loss.strength = 0.5
+    assert loss.margins == pytest.approx((1.1, 0.2, 0.1))
+    assert torch.allclose(
+        loss(cosine, labels), MarginSoftmaxLoss(16.0, m1=1.1, m2=0.2, m3=0.1)(cosine, labels)
+    )
+    loss.strength = 1.0
+    assert loss.margins == (1.2, 0.4, 0.2)
+
+
 def test_margin_changes_only_the_target_logit() -> None:
     cosine, labels = random_cosines()
     loss = build_loss("arcface", scale=10.0, margin=0.5)

@@ -71,6 +71,7 @@ def test_cli_stages_end_to_end_with_mlflow(
     expected = {"roc.png", "scores.png", "folds.png", "angles.png", "metrics.json", "contact_sheet.png"}
     assert expected | {"summary.json", "split.json", "folds.csv", "roc.csv"} <= artifacts
     assert run.data.metrics["align_ok"] == 80 and run.data.metrics["align_mean_residual"] > 0
+    assert run.data.metrics["align_images_per_second"] > 0  # from the run facts beside the store
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert any(m.source_run_id == run_id for m in models)
     champion = client.get_model_version_by_alias("arcface-backbone", "champion")

@@ -266,6 +266,40 @@ def test_schedule_warms_up_then_decays_to_zero(schedule: str) -> None:
     assert factor(40) == pytest.approx(0.0, abs=1e-9)
 
 
+def test_margin_ramps_in_linearly_over_its_warm_up_and_stays_full() -> None:
+    from arcface.train import margin_strength
+
+    strength = margin_strength(TrainParams(epochs=4, margin_warmup_epochs=1.5), steps_per_epoch=10)
+    assert [strength(step) for step in (0, 3, 15, 39)] == pytest.approx([0.0, 0.2, 1.0, 1.0])
+    assert margin_strength(TrainParams(epochs=4), steps_per_epoch=10)(0) == 1.0  # off: full from the start
+
+
+def test_margin_warm_up_is_applied_step_by_step_during_training(monkeypatch) -> None:
+    """32 faces in batches of 16: 2 steps per epoch; a 2-epoch ramp gives 0, 1/4, 1/2, 3/4, then full."""
+    from arcface import train
+
+    class RecordingLoss(MarginSoftmaxLoss):
+        def __init__(self, scale: float, m2: float) -> None:
+            super().__init__(scale, m2=m2)
+            self.strengths: list[float] = []
+
+        def forward(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            self.strengths.append(self.strength)
+            return super().forward(cosine, labels)
+
+    recorder = RecordingLoss(16.0, m2=0.3)
+    monkeypatch.setattr(train, "build_loss", lambda *args: recorder)
+    faces, labels = separable_faces()
+    fit(
+        TrainParams(**SMALL, backbone="resnet18-fast", epochs=3, margin_warmup_epochs=2.0),
+        faces,
+        labels,
+        4,
+        0,
+    )
+    assert recorder.strengths == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
+
+
 def test_adamw_trains_and_clipping_limits_the_update() -> None:
     faces, labels = separable_faces()
     base = TrainParams(backbone="iresnet18", epochs=2, optimizer="adamw", lr=1e-3, **SMALL)

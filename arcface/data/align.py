@@ -27,7 +27,7 @@ from arcface.config import AlignParams
 from arcface.data import store
 from arcface.data.images import decoded_batches, list_images
 from arcface.device import autocast_dtype, resolve_device
-from arcface.files import atomic_path, remove
+from arcface.files import atomic_path, remove, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -322,21 +322,18 @@ class AlignJob:
         """Assemble the saved chunks into the store (published in one rename) and summarize it."""
         manifest = self.chunks.manifest()
         _check_strict(self.params, self.images_dir, manifest)
-        summary = store.summarize(manifest, aligned_now / seconds if aligned_now else float("nan"))
+        summary = store.summarize(manifest)
+        speed = aligned_now / seconds if aligned_now else float("nan")
         with atomic_path(self.out_dir, directory=True) as temp:
             self.chunks.assemble(temp)
             store.write_manifest(temp, manifest)
             store.write_contact_sheet(temp, manifest)
-            extra = {"resumed_chunks": resumed, "params": self.params.model_dump()}
-            store.write_summary(temp, {**summary, **extra})
+            store.write_summary(temp, {**summary, "params": self.params.model_dump()})
+        run_facts = {"images_per_second": speed, "seconds": seconds, "resumed_chunks": resumed}
+        write_json(store.run_facts_path(self.out_dir), run_facts)
         self.chunks.clear()
         result = AlignResult(
-            self.out_dir,
-            len(self.listing),
-            summary["counts"],
-            summary["images_per_second"],
-            summary["mean_residual"],
-            resumed,
+            self.out_dir, len(self.listing), summary["counts"], speed, summary["mean_residual"], resumed
         )
         _log_result(result, self.images_dir, manifest)
         return result

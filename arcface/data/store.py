@@ -74,15 +74,15 @@ def usable_rows(manifest: pd.DataFrame) -> np.ndarray:
     return np.flatnonzero((manifest["status"] != "error").to_numpy())
 
 
-def summarize(manifest: pd.DataFrame, images_per_second: float) -> dict[str, Any]:
-    """Counts by status, throughput and the mean landmark residual of detected faces."""
+def summarize(manifest: pd.DataFrame) -> dict[str, Any]:
+    """Counts by status and the mean landmark residual of detected faces: facts of the store alone, so
+    aligning the same photos again gives the same bytes (and DVC the same hash)."""
     counts = {status: int((manifest["status"] == status).sum()) for status in STATUSES}
     residual = manifest.loc[manifest["status"] == "ok", "residual"]
     return {
         "images": len(manifest),
         "counts": counts,
         "ok_fraction": counts["ok"] / max(len(manifest), 1),
-        "images_per_second": float(images_per_second),
         "mean_residual": float(residual.mean()) if len(residual) else float("nan"),
     }
 
@@ -94,6 +94,12 @@ def write_summary(folder: Path, summary: dict[str, Any]) -> None:
 def read_summary(folder: Path) -> dict[str, Any] | None:
     path = Path(folder) / SUMMARY_FILE
     return read_json(path) if path.exists() else None
+
+
+def run_facts_path(folder: Path) -> Path:
+    """Where the align run that wrote `folder` leaves its throughput and resumed chunks: beside the
+    store, not in it, since they change from run to run while the store does not."""
+    return Path(folder).parent / f".{Path(folder).name}.run.json"
 
 
 class ChunkCache:
