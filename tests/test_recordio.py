@@ -13,6 +13,7 @@ from PIL import Image
 from arcface.data import store
 from arcface.data.external import import_faces
 from arcface.data.recordio import MAGIC, RecordIOError, RecordReader, RecordWriter, pack_face, unpack_face
+from arcface.files import read_json
 
 
 def jpeg(face: np.ndarray) -> bytes:
@@ -89,6 +90,9 @@ def test_identity_folder_import_resizes_and_records_bad_files(tmp_path: Path, re
     manifest = store.read_manifest(tmp_path / "store").set_index("path")
     assert manifest.loc[f"{names[0]}/broken.jpg", "status"] == "error"
     assert store.open_faces(tmp_path / "store").shape == (7, 112, 112, 3)
+    # The import's speed goes beside the store, so importing again leaves the store's bytes (DVC hash) alone.
+    assert "images_per_second" not in store.read_summary(tmp_path / "store")
+    assert read_json(store.run_facts_path(tmp_path / "store"))["images_per_second"] > 0
 
 
 def test_damaged_files_are_named(tmp_path: Path, real_faces) -> None:

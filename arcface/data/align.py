@@ -27,7 +27,7 @@ from arcface.config import AlignParams
 from arcface.data import store
 from arcface.data.images import decoded_batches, list_images
 from arcface.device import autocast_dtype, resolve_device
-from arcface.files import atomic_path, remove, write_json
+from arcface.files import atomic_path, remove
 
 logger = logging.getLogger(__name__)
 
@@ -323,15 +323,14 @@ class AlignJob:
         manifest = self.chunks.manifest()
         _check_strict(self.params, self.images_dir, manifest)
         summary = store.summarize(manifest)
-        speed = aligned_now / seconds if aligned_now else float("nan")
         with atomic_path(self.out_dir, directory=True) as temp:
             self.chunks.assemble(temp)
             store.write_manifest(temp, manifest)
             store.write_contact_sheet(temp, manifest)
             store.write_summary(temp, {**summary, "params": self.params.model_dump()})
-        run_facts = {"images_per_second": speed, "seconds": seconds, "resumed_chunks": resumed}
-        write_json(store.run_facts_path(self.out_dir), run_facts)
+        facts = store.write_run_facts(self.out_dir, aligned_now, seconds, resumed_chunks=resumed)
         self.chunks.clear()
+        speed = facts["images_per_second"]
         result = AlignResult(
             self.out_dir, len(self.listing), summary["counts"], speed, summary["mean_residual"], resumed
         )

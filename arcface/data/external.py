@@ -77,8 +77,9 @@ def import_faces(source: Path, out_dir: Path, limit: int | None = None) -> Impor
         manifest = store.build_manifest(pd.DataFrame({"path": paths, "identity": identities}), detections)
         store.write_manifest(temp, manifest)
         store.write_contact_sheet(temp, manifest)
-        summary = store.summarize(manifest, total / (time.perf_counter() - started))
+        summary = store.summarize(manifest)
         store.write_summary(temp, {**summary, "source": str(source), "resized": resized})
+    store.write_run_facts(Path(out_dir), total, time.perf_counter() - started)
     result = ImportResult(
         Path(out_dir), total, manifest["identity"].nunique(), resized, summary["counts"]["error"]
     )

@@ -102,6 +102,14 @@ def run_facts_path(folder: Path) -> Path:
     return Path(folder).parent / f".{Path(folder).name}.run.json"
 
 
+def write_run_facts(folder: Path, images: int, seconds: float, **extra: Any) -> dict[str, Any]:
+    """Throughput of the run that wrote `folder` (images it processed itself), at `run_facts_path`."""
+    speed = images / seconds if images and seconds > 0 else float("nan")
+    facts = {"images_per_second": speed, "seconds": seconds, **extra}
+    write_json(run_facts_path(folder), facts)
+    return facts
+
+
 class ChunkCache:
     """Finished chunks of an align run, kept beside the output folder until the store is assembled.
 
