@@ -97,8 +97,8 @@ def read_summary(folder: Path) -> dict[str, Any] | None:
 
 
 def run_facts_path(folder: Path) -> Path:
-    """Where the align run that wrote `folder` leaves its throughput and resumed chunks: beside the
-    store, not in it, since they change from run to run while the store does not."""
+    """Where the align or import run that wrote `folder` leaves its throughput: beside the store, not in
+    it, since it changes from run to run while the store does not."""
     return Path(folder).parent / f".{Path(folder).name}.run.json"
 
 
