@@ -105,6 +105,7 @@ class TrainParams(_Section):
     scale: float = Field(64.0, gt=0, le=256)
     margin: float = Field(0.5, ge=0, lt=1.5)  # arcface: m2 (radians); cosface: m3
     combined_margins: tuple[float, float, float] = Field((1.0, 0.3, 0.2), strict=False)  # m1, m2, m3
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # share of the target spread over all classes
     epochs: int = Field(10, ge=1, le=1000)
     batch_size: int = Field(64, ge=2, le=65536)  # images per optimizer step, all processes together
     accumulate: int = Field(1, ge=1, le=1024)  # micro-batches per step in each process
@@ -124,6 +125,8 @@ class TrainParams(_Section):
     rotate: float = Field(0.0, ge=0, le=180)  # random rotations of up to this many degrees
     color: float = Field(0.0, ge=0, lt=1)  # brightness/contrast/saturation factors in [1 - color, 1 + color]
     grayscale: float = Field(0.0, ge=0, le=1)  # probability of a grey copy
+    blur: float = Field(0.0, ge=0, le=1)  # probability of a Gaussian blur (sigma 0.5-2 px)
+    erase: float = Field(0.0, ge=0, le=1)  # probability of a grey rectangle over 2-25% of the face
     min_images_per_identity: int = Field(2, ge=1, le=1000)
     identity_cap: int = Field(0, ge=0)  # per epoch at most this many faces of one identity (0: all)
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"

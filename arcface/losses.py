@@ -36,11 +36,17 @@ LOSSES = ("softmax", "arcface", "cosface", "combined")
 class MarginSoftmaxLoss(nn.Module):
     """Cross-entropy over s·cos θ with margins (m1, m2, m3) on the target logit only."""
 
-    def __init__(self, scale: float, m1: float = 1.0, m2: float = 0.0, m3: float = 0.0) -> None:
+    def __init__(
+        self, scale: float, m1: float = 1.0, m2: float = 0.0, m3: float = 0.0, label_smoothing: float = 0.0
+    ) -> None:
         super().__init__()
         if scale <= 0 or m1 <= 0:
             raise ValueError(f"scale and m1 must be positive, got scale={scale}, m1={m1}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.scale, self.full_margins = scale, (m1, m2, m3)
+        # Target ε/C on every class and 1 − ε + ε/C on the true one: a softer pull on few faces per class.
+        self.label_smoothing = label_smoothing
         self.strength = 1.0  # margin warm-up: the fraction of the margins applied (1: all of them)
 
     @property
@@ -75,20 +81,25 @@ class MarginSoftmaxLoss(nn.Module):
     def forward(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # At least float32 (bf16 cosines would blur the margin); float64 stays float64.
         precise = cosine.to(torch.promote_types(cosine.dtype, torch.float32))
-        return F.cross_entropy(self.logits(precise, labels), labels)
+        return F.cross_entropy(self.logits(precise, labels), labels, label_smoothing=self.label_smoothing)
 
 
 def build_loss(
-    name: str, scale: float, margin: float, combined: tuple[float, float, float] = (1.0, 0.3, 0.2)
+    name: str,
+    scale: float,
+    margin: float,
+    combined: tuple[float, float, float] = (1.0, 0.3, 0.2),
+    label_smoothing: float = 0.0,
 ) -> MarginSoftmaxLoss:
     """`softmax` (no margin), `arcface` (m2 = margin), `cosface` (m3 = margin), `combined` (m1, m2, m3)."""
+    smoothing = {"label_smoothing": label_smoothing}
     if name == "softmax":
-        return MarginSoftmaxLoss(scale)
+        return MarginSoftmaxLoss(scale, **smoothing)
     if name == "arcface":
-        return MarginSoftmaxLoss(scale, m2=margin)
+        return MarginSoftmaxLoss(scale, m2=margin, **smoothing)
     if name == "cosface":
-        return MarginSoftmaxLoss(scale, m3=margin)
+        return MarginSoftmaxLoss(scale, m3=margin, **smoothing)
     if name == "combined":
         m1, m2, m3 = combined
-        return MarginSoftmaxLoss(scale, m1=m1, m2=m2, m3=m3)
+        return MarginSoftmaxLoss(scale, m1=m1, m2=m2, m3=m3, **smoothing)
     raise ValueError(f"unknown loss {name!r} (known: {', '.join(LOSSES)})")

@@ -267,7 +267,14 @@ def fit(
         device,
         seed,
         augmentation=Augmentation(
-            params.flip, params.shift, params.zoom, params.rotate, params.color, params.grayscale
+            params.flip,
+            params.shift,
+            params.zoom,
+            params.rotate,
+            params.color,
+            params.grayscale,
+            params.blur,
+            params.erase,
         ),
         world=distributed.world,
         rank=distributed.rank,
@@ -291,7 +298,9 @@ def fit(
     if distributed.world > 1:
         ids = [distributed.local_rank] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    loss_fn = build_loss(params.loss, params.scale, params.margin, params.combined_margins)
+    loss_fn = build_loss(
+        params.loss, params.scale, params.margin, params.combined_margins, params.label_smoothing
+    )
     if distributed.main:
         logger.info(
             "training %s on %d faces of %d classes: %s loss, %d epochs, batch %d, on %s × %d (autocast: %s)",

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from arcface.data.augment import Augmentation, jitter_colors, shift_images, to_gray, warp_images
+from arcface.data.augment import (
+    Augmentation,
+    blur_images,
+    erase_boxes,
+    jitter_colors,
+    shift_images,
+    to_gray,
+    warp_images,
+)
 from arcface.data.datasets import DeviceBatches
 
 
@@ -53,9 +61,51 @@ def test_brightness_and_desaturation_act_on_light() -> None:
     assert torch.allclose(flat, to_gray(images), atol=1e-5)
 
 
+def test_blur_spreads_a_point_like_a_gaussian_and_zero_sigma_changes_nothing() -> None:
+    images = -torch.ones(2, 3, 21, 21)
+    images[:, :, 10, 10] = 1.0
+    blurred = blur_images(images, torch.tensor([0.0, 1.5]))
+    assert torch.allclose(blurred[0], images[0], atol=1e-6)
+    light = (blurred[1, 0] + 1) / 2  # the point's light: 1 at one pixel, spread out and conserved
+    assert torch.isclose(light.sum(), torch.tensor(1.0), atol=1e-4)
+    rows = torch.arange(21.0)[:, None].expand(21, 21)
+    variance = (light * (rows - 10) ** 2).sum()
+    assert torch.isclose(variance, torch.tensor(1.5**2), rtol=0.02)  # sigma 1.5 along each axis
+    assert torch.allclose(light, light.T, atol=1e-6)
+
+
+def test_erase_greys_exactly_the_box_of_the_chosen_images() -> None:
+    images = ramp(2, 10)
+    boxes = torch.tensor([[0.2, 0.3, 0.6, 0.9], [0.0, 0.0, 1.0, 1.0]])
+    erased = erase_boxes(images, boxes, torch.tensor([True, False]))
+    assert torch.equal(erased[1], images[1])
+    inside = torch.zeros(10, 10, dtype=torch.bool)
+    inside[2:6, 3:9] = True  # pixel centres (i + 0.5) / 10 inside [0.2, 0.6) x [0.3, 0.9)
+    assert (erased[0][:, inside] == 0).all()
+    assert torch.equal(erased[0][:, ~inside], images[0][:, ~inside])
+
+
+def test_erase_and_blur_draws_follow_their_probability_and_area() -> None:
+    augmentation = Augmentation(flip=False, blur=0.25, erase=0.5)
+    draws = augmentation.draw(4000, torch.Generator().manual_seed(0))
+    assert abs(draws["blur"].float().mean() - 0.25) < 0.03 and abs(draws["erase"].float().mean() - 0.5) < 0.03
+    assert draws["sigma"].min() >= 0.5 and draws["sigma"].max() <= 2.0
+    top, left, bottom, right = draws["box"].unbind(1)
+    assert (top >= 0).all() and (left >= 0).all() and (bottom <= 1 + 1e-6).all() and (right <= 1 + 1e-6).all()
+    area = (bottom - top) * (right - left)
+    assert area.min() >= 0.02 * 0.99 and area.max() <= 0.25 * 1.01
+    images = torch.rand(4000, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    changed = (augmentation.apply(images, draws) != images).flatten(1).any(1)
+    chosen = draws["blur"] | draws["erase"]
+    assert not (changed & ~chosen).any()  # the rest pass through untouched
+    assert changed.sum() > 0.97 * chosen.sum()  # a 2% box may cover no pixel centre of a 16x16 image
+
+
 def test_augmented_batches_stay_normalized_and_repeat_per_epoch() -> None:
     faces = np.random.default_rng(0).integers(0, 256, (16, 112, 112, 3), dtype=np.uint8)
-    augmentation = Augmentation(flip=True, shift=4, zoom=0.1, rotate=10, color=0.4, grayscale=0.5)
+    augmentation = Augmentation(
+        flip=True, shift=4, zoom=0.1, rotate=10, color=0.4, grayscale=0.5, blur=0.5, erase=0.5
+    )
     batches = DeviceBatches(faces, np.arange(16) % 4, 8, torch.device("cpu"), 1, augmentation)
     first = [step[0][0] for step in batches.epoch(1)]
     again = [step[0][0] for step in batches.epoch(1)]

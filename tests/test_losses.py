@@ -146,3 +146,16 @@ def test_cosface_subtracts_the_margin_from_the_target_cosine() -> None:
     target = F.one_hot(labels, cosine.shape[1]).bool()
     assert torch.allclose(logits[target], 10.0 * (cosine[target] - 0.35))
     assert torch.allclose(logits[~target], 10.0 * cosine[~target])
+
+
+def test_label_smoothing_spreads_the_target_over_every_class() -> None:
+    cosine = torch.tensor([[0.9, 0.1, -0.2, 0.3], [0.0, 0.5, 0.2, -0.4]], dtype=torch.float64)
+    labels = torch.tensor([0, 2])
+    plain, smoothed = build_loss("arcface", 16.0, 0.3), build_loss("arcface", 16.0, 0.3, label_smoothing=0.2)
+    log_p = torch.log_softmax(plain.logits(cosine, labels), dim=1)
+    target = torch.full_like(log_p, 0.2 / 4)
+    target[torch.arange(2), labels] += 0.8
+    assert torch.isclose(smoothed(cosine, labels), -(target * log_p).sum(1).mean())
+    assert smoothed(cosine, labels) > plain(cosine, labels)  # the true class is already the likeliest
+    with pytest.raises(ValueError, match="label_smoothing"):
+        build_loss("softmax", 16.0, 0.0, label_smoothing=1.0)

@@ -10,7 +10,10 @@ pixels are transformed batch-wise on the device, with no worker processes.
   [−rotate, +rotate] degrees and a whole-pixel shift in [−shift, +shift] (the aligner's jitter); a pure
   shift uses nearest sampling and moves pixels exactly;
 - colour: brightness, contrast and saturation factors in [1 − color, 1 + color], and grey with
-  probability `grayscale` (LFW mixes colour casts and a few monochrome photos).
+  probability `grayscale` (LFW mixes colour casts and a few monochrome photos);
+- blur: with probability `blur`, a Gaussian blur of σ in [0.5, 2] pixels (LFW's small, soft JPEGs);
+- erase: with probability `erase`, one rectangle of 2–25% of the face with an aspect ratio in [1/3, 3]
+  set to mid-grey (random erasing: occlusion by hands, hair, glasses, a microphone).
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ import torch.nn.functional as F
 
 # ITU-R BT.601 luma weights: the grey a television (and PIL's "L" mode) makes of RGB.
 LUMA = (0.299, 0.587, 0.114)
+BLUR_SIGMA = (0.5, 2.0)  # pixels of a 112x112 face: from a soft focus to a small upscaled photo
+ERASE_AREA = (0.02, 0.25)  # share of the face one erased rectangle covers
+ERASE_ASPECT = (1 / 3, 3.0)  # its height / width
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,8 @@ class Augmentation:
     rotate: float = 0.0  # degrees
     color: float = 0.0  # relative
     grayscale: float = 0.0  # probability
+    blur: float = 0.0  # probability
+    erase: float = 0.0  # probability
 
     @property
     def warps(self) -> bool:
@@ -55,6 +63,16 @@ class Augmentation:
             draws["color"] = uniform(1 - self.color, 1 + self.color, 3)  # brightness, contrast, saturation
         if self.grayscale:
             draws["gray"] = torch.rand(count, generator=generator) < self.grayscale
+        if self.blur:
+            draws["blur"] = torch.rand(count, generator=generator) < self.blur
+            draws["sigma"] = uniform(*BLUR_SIGMA)
+        if self.erase:
+            draws["erase"] = torch.rand(count, generator=generator) < self.erase
+            area = uniform(*ERASE_AREA)
+            aspect = torch.exp(uniform(math.log(ERASE_ASPECT[0]), math.log(ERASE_ASPECT[1])))
+            height, width = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)
+            top, left = uniform(0, 1) * (1 - height), uniform(0, 1) * (1 - width)
+            draws["box"] = torch.stack([top, left, top + height, left + width], dim=1)  # image fractions
         return draws
 
     def apply(self, images: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -69,6 +87,14 @@ class Augmentation:
             images = jitter_colors(images, draws["color"])
         if "gray" in draws:
             images = torch.where(draws["gray"][:, None, None, None], to_gray(images), images)
+        if "blur" in draws:
+            # Only the chosen faces: the convolutions cost as much as the rest of the augmentation.
+            chosen = draws["blur"].nonzero().squeeze(1).to(images.device)
+            if len(chosen):
+                blurred = blur_images(images.index_select(0, chosen), draws["sigma"][chosen.cpu()])
+                images = images.index_copy(0, chosen, blurred)
+        if "erase" in draws:
+            images = erase_boxes(images, draws["box"], draws["erase"])
         return images.contiguous(memory_format=torch.channels_last)
 
 
@@ -128,3 +154,36 @@ def jitter_colors(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     grey = to_gray(light)
     light = grey + (light - grey) * saturation
     return light.clamp(0.0, 255.0 / 256.0) * 2 - 1
+
+
+def blur_images(images: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Blur each image with a Gaussian of its own σ in pixels (0: unchanged), edges replicated.
+    (B, 3, H, W), (B,) -> (B, 3, H, W)."""
+    batch, channels, height, width = images.shape
+    radius = max(1, math.ceil(3 * float(sigmas.max())))
+    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=torch.float32)
+    sigmas = sigmas.to(images.device, torch.float32)[:, None]
+    # σ = 0 would divide by zero: a tiny σ puts all the weight on the centre tap (the identity).
+    kernels = torch.exp(-0.5 * (offsets / sigmas.clamp(min=1e-3)) ** 2)
+    kernels = (kernels / kernels.sum(1, keepdim=True)).to(images.dtype)
+    # One separable pass per axis; each image's channels share its kernel (a grouped convolution).
+    weights = kernels.repeat_interleave(channels, dim=0)  # (B*3, 2r+1)
+    flat = images.reshape(1, batch * channels, height, width)
+    flat = F.pad(flat, (radius, radius, radius, radius), mode="replicate")
+    flat = F.conv2d(flat, weights[:, None, :, None], groups=batch * channels)  # along the height
+    flat = F.conv2d(flat, weights[:, None, None, :], groups=batch * channels)  # along the width
+    return flat.reshape(batch, channels, height, width)
+
+
+def erase_boxes(images: torch.Tensor, boxes: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """Set each chosen image's box (top, left, bottom, right as fractions of its height and width) to
+    zero, the mid-grey of normalized pixels. (B, 3, H, W), (B, 4), (B,) -> (B, 3, H, W)."""
+    _, _, height, width = images.shape
+    boxes = boxes.to(images.device, torch.float32)
+    # A pixel is inside when its centre is.
+    rows = (torch.arange(height, device=images.device, dtype=torch.float32) + 0.5) / height
+    cols = (torch.arange(width, device=images.device, dtype=torch.float32) + 0.5) / width
+    inside_rows = (rows[None] >= boxes[:, 0:1]) & (rows[None] < boxes[:, 2:3])  # (B, H)
+    inside_cols = (cols[None] >= boxes[:, 1:2]) & (cols[None] < boxes[:, 3:4])  # (B, W)
+    inside = inside_rows[:, :, None] & inside_cols[:, None, :] & chosen.to(images.device)[:, None, None]
+    return images.masked_fill(inside[:, None], 0.0)
