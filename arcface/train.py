@@ -9,6 +9,7 @@ GPUs, gloo on CPUs); only rank 0 writes files and logs progress.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -121,10 +122,16 @@ class TrainingState:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     history: list[EpochStats]
+    average: nn.Module | None = None  # the moving average of the backbone's weights (train.ema_decay)
 
     @property
     def epoch(self) -> int:
         return len(self.history)
+
+    @property
+    def embedder(self) -> nn.Module:
+        """The backbone that embeds: the weight average when there is one."""
+        return self.average if self.average is not None else self.backbone
 
 
 def build_state(params: TrainParams, num_classes: int, steps_per_epoch: int, seed: int) -> TrainingState:
@@ -152,7 +159,8 @@ def build_state(params: TrainParams, num_classes: int, steps_per_epoch: int, see
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(params, steps_per_epoch))
     # Loss scaling keeps small fp16 gradients from flushing to zero; bf16 has float32's range.
     scaler = torch.amp.GradScaler(resolve_device(params.device).type, enabled=params.amp == "fp16")
-    return TrainingState(backbone, head, optimizer, scheduler, scaler, history=[])
+    average = copy.deepcopy(backbone).requires_grad_(False) if params.ema_decay > 0 else None
+    return TrainingState(backbone, head, optimizer, scheduler, scaler, history=[], average=average)
 
 
 def lr_factor(params: TrainParams, steps_per_epoch: int) -> Callable[[int], float]:
@@ -179,6 +187,20 @@ def margin_strength(params: TrainParams, steps_per_epoch: int) -> Callable[[int]
         return 1.0 if step >= ramp else step / ramp
 
     return strength
+
+
+def update_average(average: nn.Module, backbone: nn.Module, decay: float, step: int) -> None:
+    """Move `average`'s weights and BatchNorm statistics towards `backbone`'s after optimizer step `step`
+    (0-based). The decay ramps up as (1 + step) / (10 + step) so that the random initial weights don't
+    linger in the average for the first ~1 / (1 - decay) steps."""
+    decay = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        live = backbone.state_dict()
+        for name, value in average.state_dict().items():
+            if value.is_floating_point():
+                value.lerp_(live[name].to(value.dtype), 1.0 - decay)
+            else:
+                value.copy_(live[name])  # BatchNorm's step counters
 
 
 def train_one_epoch(
@@ -227,6 +249,8 @@ def train_one_epoch(
         state.scaler.step(state.optimizer)
         state.scaler.update()
         state.scheduler.step()
+        if state.average is not None:
+            update_average(state.average, state.backbone, params.ema_decay, state.scheduler.last_epoch - 1)
         steps.set_postfix(loss=f"{total_loss / seen:.3f}")
     seconds = time.perf_counter() - started
     total_loss, correct, seen = distributed.sum(total_loss, correct, seen)
@@ -289,7 +313,9 @@ def fit(
             logger.info("resuming from %s after epoch %d", checkpoint, state.epoch)
         else:
             logger.warning("%s was written with other train params; starting afresh", checkpoint)
-    state.backbone.to(device, memory_format=torch.channels_last)
+    for backbone_copy in (state.backbone, state.average):
+        if backbone_copy is not None:
+            backbone_copy.to(device, memory_format=torch.channels_last)
     state.head.to(device)
     _move_optimizer_state(state.optimizer, device)
     amp = autocast_dtype(params.amp, device)
@@ -349,6 +375,7 @@ def save_checkpoint(path: Path, state: TrainingState, params: TrainParams, extra
         "epoch": state.epoch,
         "train_params": params.model_dump(mode="json"),
         "model": state.backbone.state_dict(),
+        **({"average": state.average.state_dict()} if state.average is not None else {}),
         "head": state.head.state_dict(),
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(),
@@ -364,6 +391,8 @@ def save_checkpoint(path: Path, state: TrainingState, params: TrainParams, extra
 def restore(state: TrainingState, payload: dict[str, Any]) -> None:
     """Put a checkpoint's model, head, optimizer, scheduler, scaler, RNG and history into `state`."""
     state.backbone.load_state_dict(payload["model"])
+    if state.average is not None:
+        state.average.load_state_dict(payload["average"])
     state.head.load_state_dict(payload["head"])
     state.optimizer.load_state_dict(payload["optimizer"])
     state.scheduler.load_state_dict(payload["scheduler"])
@@ -398,8 +427,13 @@ def load_backbone(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Mo
     payload = load_checkpoint(path, device)
     settings = payload["train_params"]
     model = build_backbone(settings["backbone"], settings["embedding_size"], settings["dropout"])
-    model.load_state_dict(payload["model"])
+    model.load_state_dict(embedding_weights(payload))
     return model.to(device).eval(), payload
+
+
+def embedding_weights(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A checkpoint's backbone weights that embed: the weight average (train.ema_decay) when it has one."""
+    return payload.get("average", payload["model"])
 
 
 def load_backbone_weights(backbone: nn.Module, path: Path) -> None:
@@ -410,7 +444,7 @@ def load_backbone_weights(backbone: nn.Module, path: Path) -> None:
         raise FileNotFoundError(f"{path}: train.init_checkpoint not found") from err
     except Exception as err:
         raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
-    weights = payload.get("model", payload) if isinstance(payload, dict) else None
+    weights = payload.get("average", payload.get("model", payload)) if isinstance(payload, dict) else None
     if not isinstance(weights, dict):
         raise ValueError(f"{path}: expected a state_dict or a checkpoint with a 'model' entry")
     result = backbone.load_state_dict(weights, strict=False)
@@ -505,7 +539,7 @@ def run(
             distributed=distributed,
         )
         if distributed.main and not (progress / ANGLES_FILE).exists():
-            angles = training_angles(state.backbone, state.head, faces, split.labels)
+            angles = training_angles(state.embedder, state.head, faces, split.labels)
             with atomic_path(progress / ANGLES_FILE) as temp, open(temp, "wb") as handle:
                 np.save(handle, angles)
         results.append(TrainResult(out_dir / f"group-{group}" / CHECKPOINT_FILE, state.history, split))

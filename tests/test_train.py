@@ -16,7 +16,7 @@ from arcface.data.augment import Augmentation
 from arcface.data.datasets import DeviceBatches, training_split
 from arcface.embed import embed_faces
 from arcface.losses import MarginSoftmaxLoss
-from arcface.train import TrainingDivergedError, fit, load_backbone, load_checkpoint
+from arcface.train import TrainingDivergedError, fit, load_backbone, load_checkpoint, update_average
 
 SMALL = dict(batch_size=16, warmup_epochs=0.0, device="cpu", embedding_size=64)
 
@@ -174,7 +174,7 @@ def interrupt_at(epoch: int, monkeypatch) -> None:
 
 def test_resume_after_an_interrupt_gives_the_same_weights(tmp_path: Path, monkeypatch) -> None:
     faces, labels = separable_faces()
-    params = TrainParams(backbone="iresnet18", epochs=3, dropout=0.2, **SMALL)
+    params = TrainParams(backbone="iresnet18", epochs=3, dropout=0.2, ema_decay=0.9, **SMALL)
     straight = fit(params, faces, labels, 4, seed=1, checkpoint=tmp_path / "a.pt")
 
     interrupt_at(3, monkeypatch)
@@ -187,7 +187,36 @@ def test_resume_after_an_interrupt_gives_the_same_weights(tmp_path: Path, monkey
     assert [s.loss for s in resumed.history] == [s.loss for s in straight.history]
     for name, value in straight.backbone.state_dict().items():
         assert torch.equal(value, resumed.backbone.state_dict()[name]), name
+    for name, value in straight.embedder.state_dict().items():
+        assert torch.equal(value, resumed.embedder.state_dict()[name]), name  # the weight average too
     assert torch.equal(straight.head.weight, resumed.head.weight)
+
+
+def test_weight_average_follows_the_live_weights_with_a_warming_decay() -> None:
+    live = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    average = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    for module in (live, average):
+        torch.nn.init.constant_(module[0].weight, 1.0 if module is live else 0.0)
+    live[1].num_batches_tracked.fill_(7)
+    update_average(average, live, decay=0.9, step=0)  # decay min(0.9, 1/10): mostly the live weights
+    assert torch.allclose(average[0].weight, torch.full((2, 2), 0.9))
+    assert int(average[1].num_batches_tracked) == 7
+    update_average(average, live, decay=0.9, step=10_000)  # full decay: a tenth of the way
+    assert torch.allclose(average[0].weight, torch.full((2, 2), 0.91))
+
+
+def test_checkpoint_with_a_weight_average_embeds_with_it(tmp_path: Path) -> None:
+    faces, labels = separable_faces()
+    params = TrainParams(backbone="iresnet18", epochs=2, lr=0.05, ema_decay=0.5, **SMALL)
+    state = fit(params, faces, labels, 4, seed=0, checkpoint=tmp_path / "ema.pt")
+    payload = load_checkpoint(tmp_path / "ema.pt")
+    differing = [k for k, v in payload["model"].items() if not torch.equal(v, payload["average"][k])]
+    assert differing  # the average is not the last step's weights
+    model, _ = load_backbone(tmp_path / "ema.pt")
+    assert all(torch.equal(v, payload["average"][k]) for k, v in model.state_dict().items())
+    embedded = embed_faces(model, faces[:4], flip=False)
+    assert np.allclose(embedded, embed_faces(state.embedder, faces[:4], flip=False), atol=1e-5)
+    assert not np.allclose(embedded, embed_faces(state.backbone, faces[:4], flip=False), atol=1e-3)
 
 
 def test_resume_can_be_turned_off(tmp_path: Path) -> None:
