@@ -444,7 +444,10 @@ def load_backbone_weights(backbone: nn.Module, path: Path) -> None:
         raise FileNotFoundError(f"{path}: train.init_checkpoint not found") from err
     except Exception as err:
         raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
-    weights = payload.get("average", payload.get("model", payload)) if isinstance(payload, dict) else None
+    if isinstance(payload, dict):
+        weights = embedding_weights(payload) if "model" in payload else payload
+    else:
+        weights = None
     if not isinstance(weights, dict):
         raise ValueError(f"{path}: expected a state_dict or a checkpoint with a 'model' entry")
     result = backbone.load_state_dict(weights, strict=False)
