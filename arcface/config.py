@@ -119,6 +119,7 @@ class TrainParams(_Section):
     margin_warmup_epochs: float = Field(0.0, ge=0)  # ramp the margin in from none over this many epochs
     clip_grad_norm: float = Field(0.0, ge=0)  # 0: off
     ema_decay: float = Field(0.0, ge=0, lt=1)  # per-step decay of the weight average that embeds (0: off)
+    sam_rho: float = Field(0.0, ge=0, le=10)  # sharpness-aware minimization's neighbourhood radius (0: off)
     dropout: float = Field(0.0, ge=0, lt=1)
     flip: bool = True  # random horizontal flips
     shift: int = Field(0, ge=0, le=32)  # random translations of up to this many pixels

@@ -15,8 +15,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -203,6 +203,67 @@ def update_average(average: nn.Module, backbone: nn.Module, decay: float, step: 
                 value.copy_(live[name])  # BatchNorm's step counters
 
 
+def _accumulate_gradients(
+    model: nn.Module,
+    loss_fn: MarginSoftmaxLoss,
+    scaler: torch.amp.GradScaler,
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    epoch: int,
+    step: int,
+) -> tuple[float, int]:
+    """Forward and backward over one step's micro-batches; returns the summed loss and correct count."""
+    loss_sum, correct = 0.0, 0
+    for index, (images, labels) in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        # Gradients are averaged across processes once per step, on the last micro-batch.
+        sync = model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()
+        with sync:
+            cosine = model(images)  # (b, C)
+            loss = loss_fn(cosine, labels)
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"loss became {loss.item()} at epoch {epoch}, step {step}; "
+                    "lower train.lr, raise train.warmup_epochs or set train.clip_grad_norm"
+                )
+            scaler.scale(loss / len(micro_batches)).backward()
+        loss_sum += loss.item() * len(labels)
+        correct += int((cosine.argmax(1) == labels).sum())
+    return loss_sum, correct
+
+
+def move_to_sharpest(parameters: list[nn.Parameter], rho: float) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """Move every parameter along its gradient so that the whole move has length `rho` (SAM's ascent
+    step); returns the moves so that they can be undone. No move when the gradient is not finite (an fp16
+    overflow: the loss scaler then skips the step)."""
+    with_grad = [p for p in parameters if p.grad is not None]
+    if not with_grad:
+        return []
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in with_grad]))
+    if not torch.isfinite(norm) or norm == 0:
+        return []
+    moves = []
+    with torch.no_grad():
+        for parameter in with_grad:
+            move = parameter.grad * (rho / norm)  # the loss scale cancels out in the ratio
+            parameter.add_(move)
+            moves.append((parameter, move))
+    return moves
+
+
+@contextmanager
+def frozen_batchnorm_statistics(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers still normalize with batch statistics but leave their running averages as they are."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for layer, momentum in zip(layers, saved, strict=True):
+            layer.momentum = momentum
+
+
 def train_one_epoch(
     state: TrainingState,
     model: nn.Module,
@@ -227,22 +288,23 @@ def train_one_epoch(
     for step, micro_batches in enumerate(steps):
         state.optimizer.zero_grad(set_to_none=True)
         loss_fn.strength = strength(state.scheduler.last_epoch)  # the scheduler counts steps, resumes too
-        for index, (images, labels) in enumerate(micro_batches):
-            last = index == len(micro_batches) - 1
-            # Gradients are averaged across processes once per step, on the last micro-batch.
-            sync = model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()
-            with sync:
-                cosine = model(images)  # (b, C)
-                loss = loss_fn(cosine, labels)
-                if not torch.isfinite(loss):
-                    raise TrainingDivergedError(
-                        f"loss became {loss.item()} at epoch {epoch}, step {step}; "
-                        "lower train.lr, raise train.warmup_epochs or set train.clip_grad_norm"
-                    )
-                state.scaler.scale(loss / len(micro_batches)).backward()
-            total_loss += loss.item() * len(labels)
-            correct += int((cosine.argmax(1) == labels).sum())
-            seen += len(labels)
+        loss_sum, step_correct = _accumulate_gradients(
+            model, loss_fn, state.scaler, micro_batches, epoch, step
+        )
+        total_loss += loss_sum
+        correct += step_correct
+        seen += sum(len(labels) for _, labels in micro_batches)
+        if params.sam_rho > 0:
+            # Sharpness-aware minimization: step with the gradient taken at the worst point (to first
+            # order) within sam_rho of the weights, which favours flat minima. The second pass leaves the
+            # BatchNorm statistics alone: they were already updated on these images.
+            moves = move_to_sharpest(parameters, params.sam_rho)
+            state.optimizer.zero_grad(set_to_none=True)
+            with frozen_batchnorm_statistics(model):
+                _accumulate_gradients(model, loss_fn, state.scaler, micro_batches, epoch, step)
+            with torch.no_grad():
+                for parameter, move in moves:
+                    parameter.sub_(move)
         if params.clip_grad_norm > 0:
             state.scaler.unscale_(state.optimizer)
             torch.nn.utils.clip_grad_norm_(parameters, params.clip_grad_norm)
@@ -340,24 +402,47 @@ def fit(
             distributed.world,
             amp or "off",
         )
+    if distributed.main and device.type == "cpu" and amp is None and params.amp == "auto":
+        logger.info(
+            "this CPU has no fast bf16 (AMX or AVX512-BF16): training in float32, several times slower "
+            "than on CPUs that have it (README, 'Model quality')"
+        )
     for epoch in range(state.epoch + 1, params.epochs + 1):
         stats = train_one_epoch(state, model, loss_fn, batches, epoch, params, distributed)
         state.history.append(stats)
         if distributed.main:
             logger.info(
-                "epoch %d/%d: loss %.4f, train accuracy %.3f, lr %.4g, %.1f img/s",
+                "epoch %d/%d: loss %.4f, train accuracy %.3f, lr %.4g, %.1f img/s, about %s left",
                 epoch,
                 params.epochs,
                 stats.loss,
                 stats.accuracy,
                 stats.lr,
                 stats.images_per_second,
+                format_duration(time_left(state.history, params.epochs)),
             )
             if checkpoint is not None:
                 save_checkpoint(checkpoint, state, params, extra or {})
             if on_epoch is not None:
                 on_epoch(stats)
     return state
+
+
+def time_left(history: list[EpochStats], epochs: int) -> float:
+    """Seconds the remaining epochs should take at the mean pace of the last three (the latest pace: a
+    resumed run's earlier epochs may have run on another machine)."""
+    recent = history[-3:]
+    return (epochs - len(history)) * sum(s.seconds for s in recent) / max(1, len(recent))
+
+
+def format_duration(seconds: float) -> str:
+    """1h 05m, 12m 30s, 45s: what a progress log should say."""
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
 
 
 def _run_settings(train_params: dict[str, Any]) -> dict[str, Any]:
@@ -450,7 +535,11 @@ def load_backbone_weights(backbone: nn.Module, path: Path) -> None:
         weights = None
     if not isinstance(weights, dict):
         raise ValueError(f"{path}: expected a state_dict or a checkpoint with a 'model' entry")
-    result = backbone.load_state_dict(weights, strict=False)
+    try:
+        result = backbone.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # tensors of other shapes: another trunk or embedding size
+        detail = str(err).splitlines()[-1].strip()
+        raise ValueError(f"{path}: weights don't fit this backbone: {detail}") from err
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
             f"{path}: weights don't fit this backbone: missing {result.missing_keys[:5]}, "

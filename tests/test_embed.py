@@ -26,7 +26,7 @@ def models(aligned_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     manifest = store.read_manifest(aligned_tiny)
     split = training_split(manifest, set(), 2)
     faces = np.asarray(store.open_faces(aligned_tiny)[split.rows])
-    params = TrainParams(backbone="iresnet18", epochs=1, batch_size=16, embedding_size=64, device="cpu")
+    params = TrainParams(backbone="resnet18-fast", epochs=1, batch_size=16, embedding_size=64, device="cpu")
     (folder / "group-0").mkdir()
     fit(params, faces, split.labels, split.num_classes, 0, checkpoint=folder / "group-0" / CHECKPOINT_FILE)
     return folder

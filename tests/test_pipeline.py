@@ -136,7 +136,7 @@ def test_cli_stages_end_to_end_with_mlflow(
 def test_cross_trained_run_scores_each_fold_with_the_model_blind_to_it(
     tmp_path: Path, ten_fold_dataset: dict[str, Path], monkeypatch
 ) -> None:
-    params = tiny_params(ten_fold_dataset, backbone="iresnet18")
+    params = tiny_params(ten_fold_dataset)
     params["evaluate"]["groups"] = 2
     workspace = make_workspace(tmp_path / "ws", params)
     monkeypatch.chdir(workspace)
@@ -185,7 +185,7 @@ def test_cross_trained_run_scores_each_fold_with_the_model_blind_to_it(
 def test_torchrun_two_processes_train_a_checkpoint_that_evaluates(
     tmp_path: Path, tiny_dataset: dict[str, Path], monkeypatch
 ) -> None:
-    workspace = make_workspace(tmp_path / "ws", tiny_params(tiny_dataset, backbone="iresnet18"))
+    workspace = make_workspace(tmp_path / "ws", tiny_params(tiny_dataset))
     monkeypatch.chdir(workspace)
     for stage in ("download", "align"):
         assert run_cli(stage) == 0
@@ -311,29 +311,32 @@ def test_comparison_grid_makes_one_tracked_run_per_combination(
     run with its own params, all tagged with one grid id; the project's own outputs are untouched."""
     import mlflow
 
-    from flows.compare import compare_grid
+    from flows.compare import COURSE_REPORT_GRID, compare_grid
 
     workspace = make_workspace(tmp_path / "ws", tiny_params(tiny_dataset, batch_size=32))
     monkeypatch.chdir(workspace)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
-    rows = compare_grid(overrides={"tracking.log_model": False})
+    # The course report's grid with the fast trunks (the same code path, a fraction of the arithmetic).
+    grid = {**COURSE_REPORT_GRID, "train.backbone": ["resnet34-fast", "resnet50-fast"]}
+    assert list(COURSE_REPORT_GRID) == ["train.loss", "train.backbone"]
+    rows = compare_grid(grid, overrides={"tracking.log_model": False})
     assert [r["run"] for r in rows] == [
-        "softmax-resnet34",
-        "softmax-resnet50",
-        "arcface-resnet34",
-        "arcface-resnet50",
+        "softmax-resnet34-fast",
+        "softmax-resnet50-fast",
+        "arcface-resnet34-fast",
+        "arcface-resnet50-fast",
     ]
     assert not (workspace / "models").exists()  # the project's own outputs are not touched
-    assert (workspace / "runs/arcface-resnet50/data/aligned").resolve() == (workspace / "data/aligned")
+    assert (workspace / "runs/arcface-resnet50-fast/data/aligned").resolve() == (workspace / "data/aligned")
     client = mlflow.MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("train-and-eval").experiment_id])
     assert len(runs) == 4 and len({r.data.tags["grid"] for r in runs}) == 1
     by_name = {r.info.run_name: r for r in runs}
     assert set(by_name) == {r["run"] for r in rows}
-    run = by_name["softmax-resnet50"]
-    assert (run.data.params["train.loss"], run.data.params["train.backbone"]) == ("softmax", "resnet50")
+    run = by_name["softmax-resnet50-fast"]
+    assert (run.data.params["train.loss"], run.data.params["train.backbone"]) == ("softmax", "resnet50-fast")
     assert run.data.metrics["accuracy_mean"] == pytest.approx(rows[1]["accuracy_mean"])
     # Different models were trained: their embeddings differ.
-    first = np.load(workspace / "runs/softmax-resnet34/data/embeddings/group-0/flip.npy")
-    second = np.load(workspace / "runs/arcface-resnet34/data/embeddings/group-0/flip.npy")
+    first = np.load(workspace / "runs/softmax-resnet34-fast/data/embeddings/group-0/flip.npy")
+    second = np.load(workspace / "runs/arcface-resnet34-fast/data/embeddings/group-0/flip.npy")
     assert first.shape == second.shape and not np.allclose(first, second)

@@ -16,9 +16,22 @@ from arcface.data.augment import Augmentation
 from arcface.data.datasets import DeviceBatches, training_split
 from arcface.embed import embed_faces
 from arcface.losses import MarginSoftmaxLoss
-from arcface.train import TrainingDivergedError, fit, load_backbone, load_checkpoint, update_average
+from arcface.train import (
+    EpochStats,
+    TrainingDivergedError,
+    fit,
+    format_duration,
+    frozen_batchnorm_statistics,
+    load_backbone,
+    load_checkpoint,
+    move_to_sharpest,
+    time_left,
+    update_average,
+)
 
-SMALL = dict(batch_size=16, warmup_epochs=0.0, device="cpu", embedding_size=64)
+# resnet18-fast: the loop, not the trunk, is under test here, and on a CPU without fast bf16 it trains
+# several times faster than the full-resolution trunks (tests/test_models.py covers every trunk).
+SMALL = dict(backbone="resnet18-fast", batch_size=16, warmup_epochs=0.0, device="cpu", embedding_size=64)
 
 
 def test_split_leaves_out_scored_and_small_identities() -> None:
@@ -142,18 +155,17 @@ def separable_faces(classes: int = 4, per_class: int = 8, seed: int = 0) -> tupl
     for label in range(classes):
         base = np.zeros((112, 112, 3), np.float64)
         base[..., label % 3] = 180
-        base[:, :: 4 + 2 * label] += 60
+        base[28 * (label % 4) : 28 * (label % 4) + 28] += 60  # a bright band, coarse enough for any stem
         for _ in range(per_class):
             faces.append(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
             labels.append(label)
     return np.stack(faces), np.array(labels)
 
 
-def test_separable_synthetic_data_reaches_high_train_accuracy() -> None:
+@pytest.mark.parametrize("sam_rho", [0.0, 0.01])
+def test_separable_synthetic_data_reaches_high_train_accuracy(sam_rho: float) -> None:
     faces, labels = separable_faces()
-    params = TrainParams(
-        backbone="iresnet18", epochs=6, lr=0.05, loss="arcface", scale=16.0, margin=0.2, **SMALL
-    )
+    params = TrainParams(epochs=6, lr=0.05, loss="arcface", scale=16.0, margin=0.2, sam_rho=sam_rho, **SMALL)
     state = fit(params, faces, labels, 4, seed=0)
     assert state.history[-1].accuracy >= 0.9
     assert state.history[-1].loss < state.history[0].loss
@@ -174,7 +186,7 @@ def interrupt_at(epoch: int, monkeypatch) -> None:
 
 def test_resume_after_an_interrupt_gives_the_same_weights(tmp_path: Path, monkeypatch) -> None:
     faces, labels = separable_faces()
-    params = TrainParams(backbone="iresnet18", epochs=3, dropout=0.2, ema_decay=0.9, **SMALL)
+    params = TrainParams(epochs=3, dropout=0.2, ema_decay=0.9, **SMALL)
     straight = fit(params, faces, labels, 4, seed=1, checkpoint=tmp_path / "a.pt")
 
     interrupt_at(3, monkeypatch)
@@ -207,7 +219,7 @@ def test_weight_average_follows_the_live_weights_with_a_warming_decay() -> None:
 
 def test_checkpoint_with_a_weight_average_embeds_with_it(tmp_path: Path) -> None:
     faces, labels = separable_faces()
-    params = TrainParams(backbone="iresnet18", epochs=2, lr=0.05, ema_decay=0.5, **SMALL)
+    params = TrainParams(epochs=2, lr=0.05, ema_decay=0.5, **SMALL)
     state = fit(params, faces, labels, 4, seed=0, checkpoint=tmp_path / "ema.pt")
     payload = load_checkpoint(tmp_path / "ema.pt")
     differing = [k for k, v in payload["model"].items() if not torch.equal(v, payload["average"][k])]
@@ -221,7 +233,7 @@ def test_checkpoint_with_a_weight_average_embeds_with_it(tmp_path: Path) -> None
 
 def test_resume_can_be_turned_off(tmp_path: Path) -> None:
     faces, labels = separable_faces()
-    params = TrainParams(backbone="iresnet18", epochs=1, **SMALL)
+    params = TrainParams(epochs=1, **SMALL)
     fit(params, faces, labels, 4, seed=1, checkpoint=tmp_path / "c.pt")
     again = fit(
         params.model_copy(update={"resume": False}), faces, labels, 4, seed=1, checkpoint=tmp_path / "c.pt"
@@ -251,7 +263,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_batch(tmp_path: Path)
 
     faces, labels = separable_faces(per_class=8)
     np.savez(tmp_path / "data.npz", faces=faces, labels=labels)
-    params = TrainParams(backbone="iresnet18", epochs=2, amp="off", **{**SMALL, "batch_size": 8})
+    params = TrainParams(epochs=2, amp="off", **{**SMALL, "batch_size": 8})
     (tmp_path / "params.json").write_text(params.model_dump_json())
     (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -278,7 +290,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_batch(tmp_path: Path)
 
 def test_batch_that_does_not_split_is_refused() -> None:
     faces, labels = separable_faces()
-    params = TrainParams(backbone="iresnet18", epochs=1, accumulate=3, **SMALL)
+    params = TrainParams(epochs=1, accumulate=3, **SMALL)
     with pytest.raises(ValueError, match="batch_size 16 does not split into 1 process"):
         fit(params, faces, labels, 4, seed=0)
 
@@ -320,7 +332,7 @@ def test_margin_warm_up_is_applied_step_by_step_during_training(monkeypatch) -> 
     monkeypatch.setattr(train, "build_loss", lambda *args: recorder)
     faces, labels = separable_faces()
     fit(
-        TrainParams(**SMALL, backbone="resnet18-fast", epochs=3, margin_warmup_epochs=2.0),
+        TrainParams(**SMALL, epochs=3, margin_warmup_epochs=2.0),
         faces,
         labels,
         4,
@@ -331,7 +343,7 @@ def test_margin_warm_up_is_applied_step_by_step_during_training(monkeypatch) -> 
 
 def test_adamw_trains_and_clipping_limits_the_update() -> None:
     faces, labels = separable_faces()
-    base = TrainParams(backbone="iresnet18", epochs=2, optimizer="adamw", lr=1e-3, **SMALL)
+    base = TrainParams(epochs=2, optimizer="adamw", lr=1e-3, **SMALL)
     free = fit(base, faces, labels, 4, seed=0)
     clipped = fit(
         base.model_copy(update={"clip_grad_norm": 1e-8, "optimizer": "sgd"}), faces, labels, 4, seed=0
@@ -345,9 +357,46 @@ def test_adamw_trains_and_clipping_limits_the_update() -> None:
     assert moved < 1e-6
 
 
+def test_sharpness_move_follows_the_gradient_with_length_rho_and_skips_overflow() -> None:
+    weights = [
+        torch.nn.Parameter(torch.zeros(2)),
+        torch.nn.Parameter(torch.ones(1)),
+        torch.nn.Parameter(torch.ones(3)),
+    ]
+    weights[0].grad = torch.tensor([3.0, 0.0])
+    weights[1].grad = torch.tensor([4.0])  # the third has no gradient: it stays put
+    moves = move_to_sharpest(weights, rho=0.5)
+    assert torch.allclose(weights[0], torch.tensor([0.3, 0.0])) and torch.allclose(
+        weights[1], torch.tensor([1.4])
+    )
+    assert torch.equal(weights[2], torch.ones(3)) and len(moves) == 2
+    weights[1].grad = torch.tensor([float("inf")])
+    assert move_to_sharpest(weights, rho=0.5) == []
+    assert torch.allclose(weights[0], torch.tensor([0.3, 0.0]))  # an overflowed gradient moves nothing
+
+
+def test_frozen_batchnorm_statistics_keep_the_running_averages() -> None:
+    layer = torch.nn.BatchNorm1d(3).train()
+    batch = torch.randn(8, 3) + 5
+    with frozen_batchnorm_statistics(layer):
+        normalized = layer(batch)
+    assert torch.equal(layer.running_mean, torch.zeros(3)) and layer.momentum == 0.1
+    assert normalized.mean(0).abs().max() < 1e-5  # still normalized with the batch's own statistics
+    layer(batch)
+    assert layer.running_mean.min() > 0.4  # outside the block the averages move again
+
+
+def test_sam_steps_differ_from_plain_steps() -> None:
+    faces, labels = separable_faces()
+    params = TrainParams(epochs=1, lr=0.05, **SMALL)
+    plain = fit(params, faces, labels, 4, seed=0)
+    sharp = fit(params.model_copy(update={"sam_rho": 0.05}), faces, labels, 4, seed=0)
+    assert not torch.allclose(sharp.head.weight, plain.head.weight)
+
+
 def test_init_checkpoint_loads_backbone_weights(tmp_path: Path) -> None:
     faces, labels = separable_faces()
-    params = TrainParams(backbone="iresnet18", epochs=1, **SMALL)
+    params = TrainParams(epochs=1, **SMALL)
     fit(params, faces, labels, 4, seed=0, checkpoint=tmp_path / "first.pt")
     from arcface.train import build_state
 
@@ -368,7 +417,7 @@ def test_train_stage_resumes_an_interrupted_run(aligned_tiny: Path, tmp_path: Pa
     params = load_params(
         Path(__file__).parent.parent / "params.yaml",
         {
-            "train.backbone": "iresnet18",
+            "train.backbone": "resnet18-fast",
             "train.epochs": 2,
             "train.batch_size": 16,
             "train.embedding_size": 64,
@@ -417,3 +466,10 @@ def test_checkpoints_from_before_new_train_keys_still_resume() -> None:
     assert _run_settings({**current, "recipe": "cpu"}) == _run_settings(current)
     assert _run_settings({**current, "zoom": 0.1}) != _run_settings(current)
     assert _run_settings({**current, "erase": 0.5}) != _run_settings(current)
+
+
+def test_time_left_follows_the_latest_epochs_pace() -> None:
+    history = [EpochStats(e, 1.0, 0.5, 0.1, 100.0, seconds) for e, seconds in enumerate([900, 60, 60, 90], 1)]
+    assert time_left(history, epochs=10) == 6 * 70  # the first, slow epoch no longer counts
+    assert time_left(history, epochs=4) == 0
+    assert [format_duration(s) for s in (45, 750, 3900, 59.6)] == ["45s", "12m 30s", "1h 05m", "1m 00s"]
