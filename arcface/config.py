@@ -107,6 +107,7 @@ class TrainParams(_Section):
     combined_margins: tuple[float, float, float] = Field((1.0, 0.3, 0.2), strict=False)  # m1, m2, m3
     label_smoothing: float = Field(0.0, ge=0, lt=1)  # share of the target spread over all classes
     epochs: int = Field(10, ge=1, le=1000)
+    time_budget_minutes: float = Field(0.0, ge=0)  # fewer epochs when these can't fit (0: no budget)
     batch_size: int = Field(64, ge=2, le=65536)  # images per optimizer step, all processes together
     accumulate: int = Field(1, ge=1, le=1024)  # micro-batches per step in each process
     optimizer: Literal["sgd", "adamw"] = "sgd"

@@ -136,6 +136,8 @@ def _log_history(history: pd.DataFrame) -> None:
             },
             step=int(epoch.epoch),
         )
+    # The epochs actually trained: fewer than train.epochs when train.time_budget_minutes cut the run.
+    mlflow.log_metrics({"train_epochs": len(history), "train_minutes": float(history["seconds"].sum()) / 60})
 
 
 def _numbers(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:

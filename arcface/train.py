@@ -129,6 +129,11 @@ class TrainingState:
         return len(self.history)
 
     @property
+    def schedule(self) -> LearningRateSchedule:
+        """The lr schedule, which knows how many epochs the run will train."""
+        return self.scheduler.lr_lambdas[0]
+
+    @property
     def embedder(self) -> nn.Module:
         """The backbone that embeds: the weight average when there is one."""
         return self.average if self.average is not None else self.backbone
@@ -156,27 +161,34 @@ def build_state(params: TrainParams, num_classes: int, steps_per_epoch: int, see
         )
     else:
         optimizer = torch.optim.SGD(groups, lr=params.lr, momentum=params.momentum)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(params, steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LearningRateSchedule(params, steps_per_epoch))
     # Loss scaling keeps small fp16 gradients from flushing to zero; bf16 has float32's range.
     scaler = torch.amp.GradScaler(resolve_device(params.device).type, enabled=params.amp == "fp16")
     average = copy.deepcopy(backbone).requires_grad_(False) if params.ema_decay > 0 else None
     return TrainingState(backbone, head, optimizer, scheduler, scaler, history=[], average=average)
 
 
-def lr_factor(params: TrainParams, steps_per_epoch: int) -> Callable[[int], float]:
-    """Per-step multiplier of the base lr: linear warm-up, then cosine or polynomial decay to 0."""
-    total = params.epochs * steps_per_epoch
-    warmup = min(int(params.warmup_epochs * steps_per_epoch), total - 1)
+class LearningRateSchedule:
+    """Per-step multiplier of the base lr: linear warm-up, then cosine or polynomial decay to 0 at the end
+    of epoch `epochs`. `epochs` may shrink during a run (train.time_budget_minutes); it holds only plain
+    numbers so that the scheduler's state_dict carries it into checkpoints and back on resume."""
 
-    def factor(step: int) -> float:
+    def __init__(self, params: TrainParams, steps_per_epoch: int) -> None:
+        self.epochs = params.epochs
+        self.steps_per_epoch = steps_per_epoch
+        self.warmup_epochs = params.warmup_epochs
+        self.schedule = params.schedule
+        self.poly_power = params.poly_power
+
+    def __call__(self, step: int) -> float:
+        total = self.epochs * self.steps_per_epoch
+        warmup = min(int(self.warmup_epochs * self.steps_per_epoch), total - 1)
         if step < warmup:
             return (step + 1) / (warmup + 1)
         progress = min((step - warmup) / max(1, total - warmup), 1.0)
-        if params.schedule == "poly":
-            return (1.0 - progress) ** params.poly_power
+        if self.schedule == "poly":
+            return (1.0 - progress) ** self.poly_power
         return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def margin_strength(params: TrainParams, steps_per_epoch: int) -> Callable[[int], float]:
@@ -337,7 +349,8 @@ def fit(
     on_epoch: Callable[[EpochStats], None] | None = None,
     distributed: Distributed | None = None,
 ) -> TrainingState:
-    """Train on (N, 112, 112, 3) uint8 faces with labels in [0, num_classes) for `params.epochs` epochs.
+    """Train on (N, 112, 112, 3) uint8 faces with labels in [0, num_classes) for `params.epochs` epochs
+    (fewer when `params.time_budget_minutes` can't hold them).
 
     With `checkpoint`, the state is saved there after every epoch, and if it already holds an earlier
     epoch of this run (and `params.resume`), training continues from it.
@@ -396,7 +409,7 @@ def fit(
             len(faces),
             num_classes,
             params.loss,
-            params.epochs,
+            state.schedule.epochs,
             params.batch_size,
             device,
             distributed.world,
@@ -407,25 +420,61 @@ def fit(
             "this CPU has no fast bf16 (AMX or AVX512-BF16): training in float32, several times slower "
             "than on CPUs that have it (README, 'Model quality')"
         )
-    for epoch in range(state.epoch + 1, params.epochs + 1):
+    while state.epoch < state.schedule.epochs:
+        epoch = state.epoch + 1
         stats = train_one_epoch(state, model, loss_fn, batches, epoch, params, distributed)
         state.history.append(stats)
+        if params.time_budget_minutes > 0:
+            _fit_epochs_to_budget(state, params, distributed)
         if distributed.main:
             logger.info(
                 "epoch %d/%d: loss %.4f, train accuracy %.3f, lr %.4g, %.1f img/s, about %s left",
                 epoch,
-                params.epochs,
+                state.schedule.epochs,
                 stats.loss,
                 stats.accuracy,
                 stats.lr,
                 stats.images_per_second,
-                format_duration(time_left(state.history, params.epochs)),
+                format_duration(time_left(state.history, state.schedule.epochs)),
             )
             if checkpoint is not None:
                 save_checkpoint(checkpoint, state, params, extra or {})
             if on_epoch is not None:
                 on_epoch(stats)
     return state
+
+
+def epochs_within_budget(history: list[EpochStats], planned: int, budget_seconds: float) -> int:
+    """The most epochs, at most `planned` and at least those already run, whose total time should stay
+    within `budget_seconds` at the latest pace (the mean of the last three epochs)."""
+    spent = sum(s.seconds for s in history)
+    pace = time_left(history, len(history) + 1)
+    affordable = len(history) + math.floor((budget_seconds - spent) / pace) if pace > 0 else planned
+    return max(len(history), min(planned, affordable))
+
+
+def _fit_epochs_to_budget(state: TrainingState, params: TrainParams, distributed: Distributed) -> None:
+    """Shrink the planned epochs when train.time_budget_minutes can't hold them; the cosine (or poly)
+    decay then ends with the new last epoch, so the run still ends at lr 0 (unless not even one more epoch
+    fits: then it stops where it is). Planned after every epoch: a machine that slows down mid-run shrinks
+    the plan further; it never grows."""
+    planned = state.schedule.epochs
+    fitted = epochs_within_budget(state.history, planned, params.time_budget_minutes * 60)
+    if distributed.world > 1:  # every process must stop at the same epoch: rank 0 decides
+        fitted = int(distributed.sum(fitted if distributed.main else 0)[0])
+    if fitted == planned:
+        return
+    state.schedule.epochs = fitted
+    if distributed.main:
+        logger.warning(
+            "train.time_budget_minutes=%g: at %.0f s per epoch, %d of train.epochs=%d fit; training %d "
+            "epochs, the lr decay ending with them",
+            params.time_budget_minutes,
+            time_left(state.history, state.epoch + 1),
+            fitted,
+            params.epochs,
+            fitted,
+        )
 
 
 def time_left(history: list[EpochStats], epochs: int) -> float:

@@ -67,6 +67,9 @@ def test_cli_stages_end_to_end_with_mlflow(
     assert run.data.params["train.epochs"] == "1"
     assert run.data.metrics["accuracy_mean"] == pytest.approx(metrics["accuracy_mean"])
     assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1]
+    history = pd.read_csv(workspace / "models/group-0/history.csv")
+    assert run.data.metrics["train_epochs"] == 1
+    assert run.data.metrics["train_minutes"] == pytest.approx(history["seconds"].sum() / 60)
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     expected = {"roc.png", "scores.png", "folds.png", "angles.png", "metrics.json", "contact_sheet.png"}
     assert expected | {"summary.json", "split.json", "folds.csv", "roc.csv"} <= artifacts

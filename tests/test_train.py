@@ -19,6 +19,7 @@ from arcface.losses import MarginSoftmaxLoss
 from arcface.train import (
     EpochStats,
     TrainingDivergedError,
+    epochs_within_budget,
     fit,
     format_duration,
     frozen_batchnorm_statistics,
@@ -297,14 +298,19 @@ def test_batch_that_does_not_split_is_refused() -> None:
 
 @pytest.mark.parametrize("schedule", ["cosine", "poly"])
 def test_schedule_warms_up_then_decays_to_zero(schedule: str) -> None:
-    from arcface.train import lr_factor
+    from arcface.train import LearningRateSchedule
 
-    factor = lr_factor(TrainParams(epochs=4, warmup_epochs=1, schedule=schedule), steps_per_epoch=10)
+    factor = LearningRateSchedule(
+        TrainParams(epochs=4, warmup_epochs=1, schedule=schedule), steps_per_epoch=10
+    )
     values = [factor(step) for step in range(40)]
     assert values[0] < values[5] < values[9] <= 1.0  # linear warm-up over the first epoch
     assert values[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(values[10:]))
     assert factor(40) == pytest.approx(0.0, abs=1e-9)
+    factor.epochs = 3  # a time budget cut the run short: the decay ends with the new last epoch
+    assert factor(20) == pytest.approx(0.5 if schedule == "cosine" else 0.25)
+    assert factor(30) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_margin_ramps_in_linearly_over_its_warm_up_and_stays_full() -> None:
@@ -460,12 +466,38 @@ def test_checkpoints_from_before_new_train_keys_still_resume() -> None:
     older = {
         k: v
         for k, v in current.items()
-        if k not in ("zoom", "rotate", "identity_cap", "recipe", "blur", "erase")
+        if k not in ("zoom", "rotate", "identity_cap", "recipe", "blur", "erase", "time_budget_minutes")
     }
     assert _run_settings(older) == _run_settings(current)  # absent keys had their default's behaviour
     assert _run_settings({**current, "recipe": "cpu"}) == _run_settings(current)
     assert _run_settings({**current, "zoom": 0.1}) != _run_settings(current)
     assert _run_settings({**current, "erase": 0.5}) != _run_settings(current)
+
+
+def test_time_budget_keeps_the_epochs_that_fit_at_the_latest_pace() -> None:
+    history = [EpochStats(e, 1.0, 0.5, 0.1, 100.0, seconds) for e, seconds in enumerate([130, 100, 100], 1)]
+    assert epochs_within_budget(history, planned=24, budget_seconds=1800) == 3 + 13  # 1470 s left at 110 s
+    assert epochs_within_budget(history, planned=10, budget_seconds=3600) == 10  # the plan fits: kept
+    assert epochs_within_budget(history, planned=24, budget_seconds=400) == 3  # no room for one more
+    assert epochs_within_budget(history, planned=24, budget_seconds=60) == 3  # over already: stop here
+
+
+def test_time_budget_cuts_a_real_run_short_and_the_cut_survives_resume(tmp_path: Path, caplog) -> None:
+    """A budget far below one epoch: the first epoch runs, then training stops; resuming the finished run
+    trains nothing more (the shrunk plan is in the checkpoint's scheduler state)."""
+    faces, labels = separable_faces()
+    params = TrainParams(epochs=4, time_budget_minutes=1e-6, **SMALL)
+    with caplog.at_level("WARNING", logger="arcface.train"):
+        state = fit(params, faces, labels, 4, seed=0, checkpoint=tmp_path / "budget.pt")
+    assert len(state.history) == 1 and state.schedule.epochs == 1
+    assert "1 of train.epochs=4 fit; training 1 epochs" in caplog.text
+    assert load_checkpoint(tmp_path / "budget.pt")["epoch"] == 1
+    resumed = fit(params, faces, labels, 4, seed=0, checkpoint=tmp_path / "budget.pt")
+    assert [s.loss for s in resumed.history] == [s.loss for s in state.history]
+    roomy = fit(
+        params.model_copy(update={"epochs": 2, "time_budget_minutes": 600.0}), faces, labels, 4, seed=0
+    )
+    assert len(roomy.history) == 2
 
 
 def test_time_left_follows_the_latest_epochs_pace() -> None:
