@@ -448,7 +448,7 @@ def epochs_within_budget(history: list[EpochStats], planned: int, budget_seconds
     """The most epochs, at most `planned` and at least those already run, whose total time should stay
     within `budget_seconds` at the latest pace (the mean of the last three epochs)."""
     spent = sum(s.seconds for s in history)
-    pace = time_left(history, len(history) + 1)
+    pace = epoch_pace(history)
     affordable = len(history) + math.floor((budget_seconds - spent) / pace) if pace > 0 else planned
     return max(len(history), min(planned, affordable))
 
@@ -470,18 +470,23 @@ def _fit_epochs_to_budget(state: TrainingState, params: TrainParams, distributed
             "train.time_budget_minutes=%g: at %.0f s per epoch, %d of train.epochs=%d fit; training %d "
             "epochs, the lr decay ending with them",
             params.time_budget_minutes,
-            time_left(state.history, state.epoch + 1),
+            epoch_pace(state.history),
             fitted,
             params.epochs,
             fitted,
         )
 
 
-def time_left(history: list[EpochStats], epochs: int) -> float:
-    """Seconds the remaining epochs should take at the mean pace of the last three (the latest pace: a
-    resumed run's earlier epochs may have run on another machine)."""
+def epoch_pace(history: list[EpochStats]) -> float:
+    """Seconds per epoch at the latest pace: the mean of the last three (a resumed run's earlier epochs may
+    have run on another machine)."""
     recent = history[-3:]
-    return (epochs - len(history)) * sum(s.seconds for s in recent) / max(1, len(recent))
+    return sum(s.seconds for s in recent) / max(1, len(recent))
+
+
+def time_left(history: list[EpochStats], epochs: int) -> float:
+    """Seconds the remaining epochs should take at the latest pace."""
+    return (epochs - len(history)) * epoch_pace(history)
 
 
 def format_duration(seconds: float) -> str:
