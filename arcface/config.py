@@ -7,15 +7,16 @@ checked exactly like the file.
 
 Recipes: `recipes.<name>` holds train settings measured to work together at LFW scale (README, "Model
 quality"). `train.recipe` picks one; its values replace the train section's, and overrides still win
-over both. `auto` picks `gpu` when CUDA is there (and train.device isn't cpu), else `cpu`, for real data
-sets; the bundled sample keeps the train section as written (`none`).
+over both. `auto` picks `gpu` when CUDA is there (and train.device isn't cpu); on a CPU, `cpu` where it
+has fast bf16 (AMX or AVX512-BF16) and `cpu-fp32` where it trains in float32 (when params.yaml has that
+recipe; else `cpu`), for real data sets; the bundled sample keeps the train section as written (`none`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -30,6 +31,7 @@ BackboneName = Literal[
     "resnet34",
     "resnet50",
     "resnet18-fast",
+    "resnet18-fast-half",
     "resnet34-fast",
     "resnet50-fast",
     "iresnet18",
@@ -93,7 +95,9 @@ class AlignParams(_Section):
     device: Device = "auto"
 
 
-RecipeName = Literal["none", "auto", "cpu", "gpu"]
+RecipeKey = Literal["cpu", "cpu-fp32", "gpu"]  # the recipes params.yaml may hold
+RecipeName = Literal["none", "auto", RecipeKey]
+RECIPES: tuple[str, ...] = get_args(RecipeKey)
 SAMPLE_DATASET = "sample"
 
 
@@ -183,7 +187,7 @@ class Params(_Section):
     index: IndexParams = IndexParams()
     evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
-    recipes: dict[Literal["cpu", "gpu"], dict[str, Any]] = {}  # train settings by recipe name
+    recipes: dict[RecipeKey, dict[str, Any]] = {}  # train settings by recipe name
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -241,7 +245,7 @@ def apply_recipe(raw: Mapping[str, Any], overrides: Mapping[str, Any], origin: s
     merged = apply_overrides(raw, overrides)
     train = merged.get("train")
     name = train.get("recipe", "none") if isinstance(train, dict) else "none"
-    if not isinstance(name, str) or name not in ("auto", "cpu", "gpu"):
+    if not isinstance(name, str) or name not in ("auto", *RECIPES):
         return merged  # none, or a wrong value that validation reports
     if name == "auto":
         name = _automatic_recipe(merged)
@@ -262,15 +266,22 @@ def apply_recipe(raw: Mapping[str, Any], overrides: Mapping[str, Any], origin: s
 
 
 def _automatic_recipe(merged: Mapping[str, Any]) -> str:
-    """`gpu` on a CUDA machine, `cpu` elsewhere; `none` for the bundled sample."""
+    """`gpu` on a CUDA machine; on a CPU `cpu`, or `cpu-fp32` where the CPU has no fast bf16 and the
+    params have that recipe; `none` for the bundled sample."""
     download = merged.get("download") or {}
     if not isinstance(download, dict) or download.get("dataset", SAMPLE_DATASET) == SAMPLE_DATASET:
         return "none"
-    if (merged.get("train") or {}).get("device") == "cpu":
-        return "cpu"
     import torch  # only here: loading params stays free of torch otherwise
 
-    return "gpu" if torch.cuda.is_available() else "cpu"
+    from arcface.device import cpu_has_fast_bf16
+
+    if (merged.get("train") or {}).get("device") != "cpu" and torch.cuda.is_available():
+        return "gpu"
+    recipes = merged.get("recipes")
+    # A float32 CPU trains ~8x slower: its recipe trades width for the epochs (README, "Model quality").
+    if not cpu_has_fast_bf16() and isinstance(recipes, dict) and "cpu-fp32" in recipes:
+        return "cpu-fp32"
+    return "cpu"
 
 
 def validate_params(raw: Mapping[str, Any], origin: str = "params") -> Params:

@@ -16,6 +16,7 @@ from arcface.config import (
     load_params,
     parse_override,
 )
+from arcface.device import cpu_has_fast_bf16
 from arcface.models.backbones import BACKBONES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +41,7 @@ def test_project_params_load_with_their_values() -> None:
     assert params.train.backbone == "resnet34"
     assert params.train.recipe == "none"  # auto keeps the sample's train section
     assert params.evaluate.protocol == "view2"
-    assert set(params.recipes) == {"cpu", "gpu"}
+    assert set(params.recipes) == {"cpu", "cpu-fp32", "gpu"}
 
 
 def test_overrides_set_values_with_yaml_types() -> None:
@@ -159,6 +160,19 @@ def test_auto_recipe_keeps_the_sample_as_written_and_picks_cpu_on_a_cpu(tmp_path
     assert load_params(path).train.recipe == "none"  # the bundled sample
     on_lfw = load_params(path, ["download.dataset=lfw"])
     assert (on_lfw.train.recipe, on_lfw.train.epochs) == ("cpu", 40)
+
+
+def test_auto_recipe_on_a_cpu_without_fast_bf16_is_the_cpu_recipe_at_half_width() -> None:
+    """cpu-fp32 is the cpu recipe with the half-width trunk, chosen where a CPU trains in float32; a
+    params file without it (the test above) keeps `cpu`."""
+    recipes = project_params()["recipes"]
+    assert {k: v for k, v in recipes["cpu-fp32"].items() if recipes["cpu"][k] != v} == {
+        "backbone": "resnet18-fast-half"
+    }
+    assert recipes["cpu-fp32"].keys() == recipes["cpu"].keys()
+    on_lfw = load_params(ROOT / "params.yaml", ["download.dataset=lfw", "train.device=cpu"])
+    expected = ("cpu", "resnet18-fast") if cpu_has_fast_bf16() else ("cpu-fp32", "resnet18-fast-half")
+    assert (on_lfw.train.recipe, on_lfw.train.backbone) == expected
 
 
 def test_recipe_mistakes_name_the_key(tmp_path: Path) -> None:
