@@ -75,7 +75,7 @@ class FaceResNet(nn.Module):
         width: int = 64,
     ) -> None:
         super().__init__()
-        if width == 64:
+        if width == 64:  # torchvision's own trunk: earlier runs' initial weights stay bit for bit
             trunk = ResNet(block, layers)
             self.stem = nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool)
             self.stages = nn.Sequential(trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4)
