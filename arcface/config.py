@@ -9,7 +9,8 @@ Recipes: `recipes.<name>` holds train settings measured to work together at LFW 
 quality"). `train.recipe` picks one; its values replace the train section's, and overrides still win
 over both. `auto` picks `gpu` when CUDA is there (and train.device isn't cpu); on a CPU, `cpu` where it
 has fast bf16 (AMX or AVX512-BF16) and `cpu-fp32` where it trains in float32 (when params.yaml has that
-recipe; else `cpu`), for real data sets; the bundled sample keeps the train section as written (`none`).
+recipe; else `cpu`), for real data sets. The bundled sample keeps the train section as written (`none`),
+except on a CPU that trains in float32, where `sample-fp32` (when params.yaml has it) keeps the demo short.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ BackboneName = Literal[
     "resnet18-fast",
     "resnet18-fast-half",
     "resnet34-fast",
+    "resnet34-half",
     "resnet50-fast",
     "iresnet18",
     "iresnet34",
@@ -95,7 +97,7 @@ class AlignParams(_Section):
     device: Device = "auto"
 
 
-RecipeKey = Literal["cpu", "cpu-fp32", "gpu"]  # the recipes params.yaml may hold
+RecipeKey = Literal["cpu", "cpu-fp32", "gpu", "sample-fp32"]  # the recipes params.yaml may hold
 RecipeName = Literal["none", "auto", RecipeKey]
 RECIPES: tuple[str, ...] = get_args(RecipeKey)
 SAMPLE_DATASET = "sample"
@@ -267,21 +269,23 @@ def apply_recipe(raw: Mapping[str, Any], overrides: Mapping[str, Any], origin: s
 
 def _automatic_recipe(merged: Mapping[str, Any]) -> str:
     """`gpu` on a CUDA machine; on a CPU `cpu`, or `cpu-fp32` where the CPU has no fast bf16 and the
-    params have that recipe; `none` for the bundled sample."""
-    download = merged.get("download") or {}
-    if not isinstance(download, dict) or download.get("dataset", SAMPLE_DATASET) == SAMPLE_DATASET:
-        return "none"
+    params have that recipe; for the bundled sample `none`, or `sample-fp32` on such a CPU."""
     import torch  # only here: loading params stays free of torch otherwise
 
     from arcface.device import cpu_has_fast_bf16
 
-    if (merged.get("train") or {}).get("device") != "cpu" and torch.cuda.is_available():
-        return "gpu"
+    download = merged.get("download") or {}
+    sample = not isinstance(download, dict) or download.get("dataset", SAMPLE_DATASET) == SAMPLE_DATASET
+    on_cuda = (merged.get("train") or {}).get("device") != "cpu" and torch.cuda.is_available()
     recipes = merged.get("recipes")
-    # A float32 CPU trains ~8x slower: its recipe trades width for the epochs (README, "Model quality").
-    if not cpu_has_fast_bf16() and isinstance(recipes, dict) and "cpu-fp32" in recipes:
-        return "cpu-fp32"
-    return "cpu"
+    recipes = recipes if isinstance(recipes, dict) else {}
+    # A float32 CPU trains ~4-8x slower: its recipes trade width for time (README, "Model quality").
+    float32_cpu = not on_cuda and not cpu_has_fast_bf16()
+    if sample:
+        return "sample-fp32" if float32_cpu and "sample-fp32" in recipes else "none"
+    if on_cuda:
+        return "gpu"
+    return "cpu-fp32" if float32_cpu and "cpu-fp32" in recipes else "cpu"
 
 
 def validate_params(raw: Mapping[str, Any], origin: str = "params") -> Params:

@@ -404,8 +404,10 @@ def fit(
     )
     if distributed.main:
         logger.info(
-            "training %s on %d faces of %d classes: %s loss, %d epochs, batch %d, on %s × %d (autocast: %s)",
+            "training %s%s on %d faces of %d classes: %s loss, %d epochs, batch %d, on %s × %d "
+            "(autocast: %s)",
             params.backbone,
+            "" if params.recipe == "none" else f" (train.recipe {params.recipe})",
             len(faces),
             num_classes,
             params.loss,

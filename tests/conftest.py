@@ -85,9 +85,10 @@ def tiny_params(dataset: dict[str, Path], **train: object) -> dict:
         "pairs": {"url": str(dataset["pairs"]), "sha256": sha256_file(dataset["pairs"])},
     }
     # resnet18-fast: the stages, not the trunk, are under test, and it is the cheapest trunk to train on a
-    # CPU without fast bf16.
+    # CPU without fast bf16. No recipe: on such a CPU `auto` would swap in sample-fp32's trunk.
     params["train"].update(
-        {"backbone": "resnet18-fast", "epochs": 1, "batch_size": 16, "warmup_epochs": 0.0, **train}
+        {"recipe": "none", "backbone": "resnet18-fast", "epochs": 1, "batch_size": 16, "warmup_epochs": 0.0}
+        | train
     )
     params["embed"]["batch_size"] = 64
     return params

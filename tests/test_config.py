@@ -6,6 +6,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from arcface.config import (
@@ -38,10 +39,13 @@ def test_project_params_load_with_their_values() -> None:
     assert params.download.dataset == "sample"
     assert params.download.sources.images.url == "tests/data/sample/lfw-sample.tgz"
     assert params.align.thresholds == (0.6, 0.7, 0.7)
-    assert params.train.backbone == "resnet34"
-    assert params.train.recipe == "none"  # auto keeps the sample's train section
+    # auto keeps the sample's train section, but for the half-width trunk on a CPU training in float32
+    float32_cpu = not torch.cuda.is_available() and not cpu_has_fast_bf16()
+    expected = ("sample-fp32", "resnet34-half") if float32_cpu else ("none", "resnet34")
+    assert (params.train.recipe, params.train.backbone) == expected
+    assert load_params(ROOT / "params.yaml", ["train.recipe=none"]).train.backbone == "resnet34"
     assert params.evaluate.protocol == "view2"
-    assert set(params.recipes) == {"cpu", "cpu-fp32", "gpu"}
+    assert set(params.recipes) == {"cpu", "cpu-fp32", "gpu", "sample-fp32"}
 
 
 def test_overrides_set_values_with_yaml_types() -> None:
@@ -130,7 +134,8 @@ def test_flatten_gives_dotted_scalars() -> None:
     assert flat["train.epochs"] == load_params(ROOT / "params.yaml").train.epochs
     assert flat["align.thresholds"] == "0.6,0.7,0.7"
     assert all(not isinstance(v, dict | list | tuple) for v in flat.values())
-    assert flat["train.recipe"] == "none" and not any(key.startswith("recipes") for key in flat)
+    assert flat["train.recipe"] == load_params(ROOT / "params.yaml").train.recipe != "auto"
+    assert not any(key.startswith("recipes") for key in flat)
 
 
 def test_backbone_choices_match_registry() -> None:
@@ -173,6 +178,14 @@ def test_auto_recipe_on_a_cpu_without_fast_bf16_is_the_cpu_recipe_at_half_width(
     on_lfw = load_params(ROOT / "params.yaml", ["download.dataset=lfw", "train.device=cpu"])
     expected = ("cpu", "resnet18-fast") if cpu_has_fast_bf16() else ("cpu-fp32", "resnet18-fast-half")
     assert (on_lfw.train.recipe, on_lfw.train.backbone) == expected
+
+
+def test_the_sample_recipe_changes_only_the_demos_trunk() -> None:
+    """sample-fp32 swaps the demo's resnet34 for its half width (~4x the float32 speed) and nothing else;
+    it is never picked for LFW."""
+    assert project_params()["recipes"]["sample-fp32"] == {"backbone": "resnet34-half"}
+    on_lfw = load_params(ROOT / "params.yaml", ["download.dataset=lfw", "train.device=cpu"])
+    assert on_lfw.train.recipe in ("cpu", "cpu-fp32")
 
 
 def test_recipe_mistakes_name_the_key(tmp_path: Path) -> None:

@@ -26,17 +26,23 @@ def test_backbone_maps_faces_to_embeddings_and_backpropagates(name: str) -> None
     # iresnet50: 43.6M as published with insightface's arcface_torch; the resnets carry the same
     # 7×7 flatten → 512 head (12.8M parameters, 51.4M for resnet50's 2048 channels); the fast ones a
     # 4×4 one (4.2M: ImageNet resnet18's 11.2M trunk without its classifier, plus 4.2M); the half-width
-    # one a quarter of the trunk (2.8M) and half the head (2.1M).
+    # ones a quarter of the trunk (2.8M; 5.3M for resnet34) and half the head (2.1M; 6.4M at 7×7).
     [("iresnet18", 24.0), ("iresnet34", 34.1), ("iresnet50", 43.6), ("iresnet100", 65.2),
-     ("resnet34", 34.1), ("resnet50", 74.9), ("resnet18-fast", 15.4), ("resnet18-fast-half", 4.9)],
+     ("resnet34", 34.1), ("resnet50", 74.9), ("resnet18-fast", 15.4), ("resnet18-fast-half", 4.9),
+     ("resnet34-half", 11.7)],
 )  # fmt: skip
 def test_parameter_counts(name: str, millions: float) -> None:
     count = sum(p.numel() for p in build_backbone(name).parameters())
     assert count / 1e6 == pytest.approx(millions, abs=0.05)
 
 
-def test_half_width_trunk_halves_every_stage_and_keeps_the_module_names() -> None:
-    half, full = build_backbone("resnet18-fast-half"), build_backbone("resnet18-fast")
+@pytest.mark.parametrize(
+    ("half_name", "full_name"), [("resnet18-fast-half", "resnet18-fast"), ("resnet34-half", "resnet34")]
+)
+def test_half_width_trunk_halves_every_stage_and_keeps_the_module_names(
+    half_name: str, full_name: str
+) -> None:
+    half, full = build_backbone(half_name), build_backbone(full_name)
     assert [stage[-1].conv2.out_channels for stage in half.stages] == [32, 64, 128, 256]
     assert [stage[-1].conv2.out_channels for stage in full.stages] == [64, 128, 256, 512]
     # Same names as torchvision's trunk: checkpoints and init_checkpoint's shape check read them alike.
@@ -45,6 +51,9 @@ def test_half_width_trunk_halves_every_stage_and_keeps_the_module_names() -> Non
     conv = half.stages[2][0].conv1  # 64 -> 128 channels, 3×3
     assert conv.weight.std().item() == pytest.approx((2 / (128 * 9)) ** 0.5, rel=0.05)
     assert torch.equal(half.stem[1].weight, torch.ones(32))
+    # The same stem as the full width: resnet34-half keeps the 112×112 stem and its 7×7 final map.
+    assert half.stem[0].stride == full.stem[0].stride
+    assert half.head.fc.in_features == full.head.fc.in_features // 2
 
 
 def test_unknown_backbone_lists_known_ones() -> None:

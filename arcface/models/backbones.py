@@ -164,6 +164,13 @@ def resnet34(embedding_size: int = 512, dropout: float = 0.0) -> nn.Module:
     return FaceResNet(BasicBlock, [3, 4, 6, 3], embedding_size, dropout)
 
 
+@register_backbone("resnet34-half")
+def resnet34_half(embedding_size: int = 512, dropout: float = 0.0) -> nn.Module:
+    """The seed's ResNet34 at half the channels (32, 64, 128, 256): ~4× its float32 CPU training speed,
+    for the bundled sample's demo on CPUs without fast bf16 (README, first lines)."""
+    return FaceResNet(BasicBlock, [3, 4, 6, 3], embedding_size, dropout, width=32)
+
+
 @register_backbone("resnet50")
 def resnet50(embedding_size: int = 512, dropout: float = 0.0) -> nn.Module:
     """The seed's ResNet50: bottleneck blocks [3, 4, 6, 3]."""
