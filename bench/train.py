@@ -108,11 +108,12 @@ def main() -> None:
             row["peak_fraction"] = flops * fast / (args.peak_tflops * 1e12)
         rows.append(row)
     print(f"device: {device}, batch {args.batch}, {args.steps} timed steps after {args.warmup} warm-up")
-    header = f"{'backbone':<11} {'plain img/s':>12} {'loop img/s':>11} {'ratio':>6}"
+    width = max(11, *(len(name) for name in args.backbones))  # resnet18-fast-half is 18 characters
+    header = f"{'backbone':<{width}} {'plain img/s':>12} {'loop img/s':>11} {'ratio':>6}"
     print(header + ("  bf16 peak used" if device.type == "cuda" else ""))
     for row in rows:
         line = (
-            f"{row['backbone']:<11} {row['plain_img_s']:>12.1f} {row['loop_img_s']:>11.1f} "
+            f"{row['backbone']:<{width}} {row['plain_img_s']:>12.1f} {row['loop_img_s']:>11.1f} "
             f"{row['ratio']:>6.2f}"
         )
         if "peak_fraction" in row:
