@@ -168,11 +168,12 @@ def test_auto_recipe_keeps_the_sample_as_written_and_picks_cpu_on_a_cpu(tmp_path
 
 
 def test_auto_recipe_on_a_cpu_without_fast_bf16_is_the_cpu_recipe_at_half_width() -> None:
-    """cpu-fp32 is the cpu recipe with the half-width trunk, chosen where a CPU trains in float32; a
-    params file without it (the test above) keeps `cpu`."""
+    """cpu-fp32 is the cpu recipe with the half-width trunk and blur augmentation (measured on that trunk
+    only), chosen where a CPU trains in float32; a params file without it (the test above) keeps `cpu`."""
     recipes = project_params()["recipes"]
     assert {k: v for k, v in recipes["cpu-fp32"].items() if recipes["cpu"][k] != v} == {
-        "backbone": "resnet18-fast-half"
+        "backbone": "resnet18-fast-half",
+        "blur": 0.2,
     }
     assert recipes["cpu-fp32"].keys() == recipes["cpu"].keys()
     on_lfw = load_params(ROOT / "params.yaml", ["download.dataset=lfw", "train.device=cpu"])
