@@ -167,7 +167,7 @@ def test_auto_recipe_keeps_the_sample_as_written_and_picks_cpu_on_a_cpu(tmp_path
     assert (on_lfw.train.recipe, on_lfw.train.epochs) == ("cpu", 40)
 
 
-def test_auto_recipe_on_a_cpu_without_fast_bf16_is_the_cpu_recipe_at_half_width() -> None:
+def test_auto_recipe_on_a_cpu_without_fast_bf16_is_the_cpu_recipe_at_half_width_with_blur() -> None:
     """cpu-fp32 is the cpu recipe with the half-width trunk and blur augmentation (measured on that trunk
     only), chosen where a CPU trains in float32; a params file without it (the test above) keeps `cpu`."""
     recipes = project_params()["recipes"]
