@@ -17,14 +17,23 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 
 Device = Literal["auto", "cpu", "cuda"]
+
+
+def _off_from_yaml(value: Any) -> Any:
+    """YAML 1.1 reads a bare `off` (in params.yaml or `--set train.amp=off`) as false: that means 'off'."""
+    return "off" if value is False else value
+
+
+AlignAmp = Annotated[Literal["auto", "bf16", "off"], BeforeValidator(_off_from_yaml)]
+TrainAmp = Annotated[Literal["auto", "bf16", "fp16", "off"], BeforeValidator(_off_from_yaml)]
 # Kept in step with arcface.models.backbones.BACKBONES (a test checks they agree); listing the names
 # here keeps loading params free of a torch import.
 BackboneName = Literal[
@@ -93,7 +102,7 @@ class AlignParams(_Section):
     min_image_side: int = Field(32, ge=1)
     max_image_pixels: int = Field(50_000_000, ge=1)
     chunk_size: int = Field(1024, ge=1)
-    amp: Literal["auto", "bf16", "off"] = "auto"
+    amp: AlignAmp = "auto"
     device: Device = "auto"
 
 
@@ -138,7 +147,7 @@ class TrainParams(_Section):
     erase: float = Field(0.0, ge=0, le=1)  # probability of a grey rectangle over 2-25% of the face
     min_images_per_identity: int = Field(2, ge=1, le=1000)
     identity_cap: int = Field(0, ge=0)  # per epoch at most this many faces of one identity (0: all)
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    amp: TrainAmp = "auto"
     compile: bool = False
     init_checkpoint: str | None = None  # backbone weights to start from (ours or a plain state_dict)
     resume: bool = True  # continue an interrupted run of the same data and params

@@ -110,6 +110,18 @@ def test_choice_error_lists_allowed_values() -> None:
         load_params(ROOT / "params.yaml", ["train.loss=triplet"])
 
 
+def test_a_bare_off_means_off_though_yaml_reads_it_as_false(tmp_path: Path) -> None:
+    # `--set train.amp=off` and `amp: off` in a file both reach us as the boolean False.
+    params = load_params(ROOT / "params.yaml", ["train.amp=off", "align.amp=off"])
+    assert (params.train.amp, params.align.amp) == ("off", "off")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train"]["amp"] = False
+    assert load_params(write(tmp_path, raw)).train.amp == "off"
+    # `on` (true) is no setting of amp: still an error that lists the choices
+    with pytest.raises(ParamsError, match=r"train\.amp: Input should be 'auto', 'bf16', 'fp16' or 'off'"):
+        load_params(ROOT / "params.yaml", ["train.amp=on"])
+
+
 def test_bad_checksum_format_is_rejected() -> None:
     with pytest.raises(ParamsError, match=r"download\.sample\.images\.sha256"):
         load_params(ROOT / "params.yaml", ["download.sample.images.sha256=abc"])
