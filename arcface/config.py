@@ -34,6 +34,7 @@ def _off_from_yaml(value: Any) -> Any:
 
 AlignAmp = Annotated[Literal["auto", "bf16", "off"], BeforeValidator(_off_from_yaml)]
 TrainAmp = Annotated[Literal["auto", "bf16", "fp16", "off"], BeforeValidator(_off_from_yaml)]
+
 # Kept in step with arcface.models.backbones.BACKBONES (a test checks they agree); listing the names
 # here keeps loading params free of a torch import.
 BackboneName = Literal[
