@@ -62,7 +62,11 @@ def test_align_stage_mapped_over_chunks_builds_the_same_store(
     prefect_harness, aligned_tiny: Path, tmp_path: Path
 ) -> None:
     """The flow's align: one task per chunk of 32 images (3 chunks for 80), mapped over the task runner;
-    the assembled store equals the one-process stage's, row for row."""
+    the assembled store equals the one-process stage's, row for row.
+
+    Equal up to the last bit of float32: some CPUs' kernels sum in another order for another batch shape
+    (measured on an AMX Xeon: landmarks 1.5e-5 px apart), which flips the rounding of a few warped pixels
+    by one grey level. A misplaced row or chunk would differ everywhere."""
     import numpy as np
     import pandas as pd
     from prefect.task_runners import ThreadPoolTaskRunner
@@ -81,7 +85,12 @@ def test_align_stage_mapped_over_chunks_builds_the_same_store(
     single = pd.read_parquet(aligned_tiny / "manifest.parquet")
     assert mapped["path"].tolist() == single["path"].tolist()
     assert (mapped["status"] == single["status"]).all()
-    assert np.array_equal(np.load(layout.aligned / "faces.npy"), np.load(aligned_tiny / "faces.npy"))
+    positions = [column for column in single.columns if column.startswith(("lm", "box"))]  # px
+    assert np.allclose(mapped[positions], single[positions], rtol=0, atol=1e-3, equal_nan=True)
+    grey_levels = np.abs(
+        np.load(layout.aligned / "faces.npy").astype(np.int16) - np.load(aligned_tiny / "faces.npy")
+    )
+    assert grey_levels.max() <= 1 and (grey_levels > 0).mean() < 1e-3
     assert not any(layout.aligned.parent.glob(".aligned.chunks"))  # chunks are cleared once assembled
 
 
