@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 
@@ -148,11 +148,18 @@ class TrainParams(_Section):
     erase: float = Field(0.0, ge=0, le=1)  # probability of a grey rectangle over 2-25% of the face
     min_images_per_identity: int = Field(2, ge=1, le=1000)
     identity_cap: int = Field(0, ge=0)  # per epoch at most this many faces of one identity (0: all)
+    class_balance: float = Field(0.0, ge=0, le=1)  # draw a face at weight n^-this, n its identity's faces
     amp: TrainAmp = "auto"
     compile: bool = False
     init_checkpoint: str | None = None  # backbone weights to start from (ours or a plain state_dict)
     resume: bool = True  # continue an interrupted run of the same data and params
     device: Device = "auto"
+
+    @model_validator(mode="after")
+    def _one_epoch_shape(self) -> TrainParams:
+        if self.identity_cap and self.class_balance:
+            raise ValueError("identity_cap and class_balance both reshape the epochs: set one of them to 0")
+        return self
 
 
 class EmbedParams(_Section):
@@ -332,6 +339,8 @@ def _describe(error: Mapping[str, Any]) -> str:
         return f"{key}: unknown key (allowed here: {', '.join(allowed)})"
     if error["type"] == "missing":
         return f"{key}: required key is missing"
+    if error["type"] == "value_error" and isinstance(error.get("input"), dict):
+        return f"{key}: {error['msg'].removeprefix('Value error, ')}"  # a rule across keys: no one input
     return f"{key}: {error['msg']} (got {error.get('input')!r})"
 
 

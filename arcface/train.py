@@ -379,6 +379,7 @@ def fit(
         rank=distributed.rank,
         accumulate=params.accumulate,
         identity_cap=params.identity_cap,
+        class_balance=params.class_balance,
     )
     state = build_state(params, num_classes, len(batches), seed)
     if checkpoint is not None and params.resume and checkpoint.exists():
@@ -416,6 +417,13 @@ def fit(
             device,
             distributed.world,
             amp or "off",
+        )
+    if distributed.main and params.class_balance:
+        logger.info(
+            "epochs of %d faces drawn with replacement, a person with n faces at weight n^-%g "
+            "(train.class_balance)",
+            batches.epoch_size,
+            params.class_balance,
         )
     if distributed.main and device.type == "cpu" and amp is None and params.amp == "auto":
         logger.info(

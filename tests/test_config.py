@@ -201,6 +201,15 @@ def test_the_sample_recipe_changes_only_the_demos_trunk() -> None:
     assert on_lfw.train.recipe in ("cpu", "cpu-fp32")
 
 
+def test_identity_cap_with_class_balance_names_both_keys(tmp_path: Path) -> None:
+    path = write(tmp_path, project_params())
+    before = path.read_text()
+    with pytest.raises(ParamsError, match=r"train: identity_cap and class_balance both reshape the epochs"):
+        load_params(path, ["train.identity_cap=20", "train.class_balance=0.5"])
+    assert path.read_text() == before
+    assert load_params(path, ["train.class_balance=0.5"]).train.class_balance == 0.5
+
+
 def test_recipe_mistakes_name_the_key(tmp_path: Path) -> None:
     path = with_recipes(tmp_path)
     with pytest.raises(ParamsError, match=r"recipes\.cpu\.epoch: unknown train key"):

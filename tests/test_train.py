@@ -86,6 +86,41 @@ def test_identity_cap_takes_a_fresh_subset_of_big_identities_each_epoch() -> Non
         DeviceBatches(faces, labels, 8, torch.device("cpu"), 0, identity_cap=2)
 
 
+def test_class_balance_draws_people_as_often_as_their_weight_says() -> None:
+    labels = np.array([0] * 48 + [1] * 12 + [2] * 3)
+    faces = np.zeros((len(labels), 112, 112, 3), np.uint8)
+    unflipped = Augmentation(flip=False)
+
+    def shares(balance: float) -> np.ndarray:
+        batches = DeviceBatches(faces, labels, 9, torch.device("cpu"), 0, unflipped, class_balance=balance)
+        drawn = [y for epoch in range(1, 41) for ((_, y),) in batches.epoch(epoch)]
+        return np.bincount(torch.cat(drawn).numpy(), minlength=3) / sum(len(y) for y in drawn)
+
+    assert np.allclose(shares(1.0), 1 / 3, atol=0.04)  # people equally often, not 48 : 12 : 3
+    assert np.allclose(shares(0.5), np.sqrt([48, 12, 3]) / np.sqrt([48, 12, 3]).sum(), atol=0.04)  # 4 : 2 : 1
+    balanced = DeviceBatches(faces, labels, 9, torch.device("cpu"), 0, unflipped, class_balance=1.0)
+    assert balanced.epoch_size == len(labels) and len(balanced) == 7  # an epoch keeps its number of faces
+    first = [y for ((_, y),) in balanced.epoch(5)]
+    assert all(torch.equal(a, b) for a, b in zip(first, [y for ((_, y),) in balanced.epoch(5)], strict=True))
+
+
+def test_a_face_drawn_twice_in_an_epoch_gets_its_own_augmentation_each_time() -> None:
+    labels = np.array([0] + [1] * 31)  # person 0's one face is half of every balanced epoch
+    faces = np.full((len(labels), 112, 112, 3), 128, np.uint8)
+    brighter = Augmentation(flip=False, color=0.3)
+    batches = DeviceBatches(faces, labels, 32, torch.device("cpu"), 0, brighter, class_balance=1.0)
+    ((images, drawn),) = next(iter(batches.epoch(1)))
+    copies = images[drawn == 0]
+    assert len(copies) > 8  # ~16 draws of one face
+    assert len(torch.unique(copies.mean(dim=(1, 2, 3)))) == len(copies)  # each with its own colour
+
+
+def test_identity_cap_and_class_balance_together_are_a_clear_error() -> None:
+    faces = np.zeros((8, 112, 112, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"identity_cap and train\.class_balance both reshape epochs"):
+        DeviceBatches(faces, np.zeros(8, int), 4, torch.device("cpu"), 0, identity_cap=2, class_balance=0.5)
+
+
 def test_too_few_faces_for_a_batch_is_a_clear_error() -> None:
     faces = np.zeros((3, 112, 112, 3), np.uint8)
     with pytest.raises(ValueError, match="only 3 training faces for batch_size 8"):
@@ -466,12 +501,23 @@ def test_checkpoints_from_before_new_train_keys_still_resume() -> None:
     older = {
         k: v
         for k, v in current.items()
-        if k not in ("zoom", "rotate", "identity_cap", "recipe", "blur", "erase", "time_budget_minutes")
+        if k
+        not in (
+            "zoom",
+            "rotate",
+            "identity_cap",
+            "recipe",
+            "blur",
+            "erase",
+            "time_budget_minutes",
+            "class_balance",
+        )
     }
     assert _run_settings(older) == _run_settings(current)  # absent keys had their default's behaviour
     assert _run_settings({**current, "recipe": "cpu"}) == _run_settings(current)
     assert _run_settings({**current, "zoom": 0.1}) != _run_settings(current)
     assert _run_settings({**current, "erase": 0.5}) != _run_settings(current)
+    assert _run_settings({**current, "class_balance": 0.5}) != _run_settings(current)
 
 
 def test_time_budget_keeps_the_epochs_that_fit_at_the_latest_pace() -> None:

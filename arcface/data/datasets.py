@@ -74,6 +74,10 @@ class DeviceBatches:
     `identity_cap` > 0 takes at most that many faces of each identity into an epoch, a fresh random
     subset each epoch: LFW's George W Bush has 530 faces, 8% of the training set, and a few politicians
     take most of the rest; capped epochs spend the steps on many people instead of a few.
+
+    `class_balance` = a > 0 draws each epoch's faces with replacement, a face of an identity with n faces
+    at a weight of n^-a (1: every identity equally often; 0.5: in proportion to sqrt(n)). The epoch keeps
+    its number of faces, and every draw gets its own augmentation, as a small identity's faces recur.
     """
 
     def __init__(
@@ -88,6 +92,7 @@ class DeviceBatches:
         rank: int = 0,
         accumulate: int = 1,
         identity_cap: int = 0,
+        class_balance: float = 0.0,
     ) -> None:
         parts = world * accumulate
         if batch_size % parts:
@@ -95,6 +100,8 @@ class DeviceBatches:
                 f"train.batch_size {batch_size} does not split into {world} process(es) × "
                 f"train.accumulate {accumulate} equal micro-batches"
             )
+        if identity_cap and class_balance:
+            raise ValueError("train.identity_cap and train.class_balance both reshape epochs: set one of them")
         labels = np.array(labels, dtype=np.int64)
         counts = np.bincount(labels) if len(labels) else np.zeros(0, np.int64)
         self.epoch_size = int(np.minimum(counts, identity_cap).sum()) if identity_cap else len(faces)
@@ -105,6 +112,10 @@ class DeviceBatches:
                 "lower train.batch_size"
             )
         self.identity_cap = identity_cap
+        # Each face's draw weight; None: a plain shuffle, each face once per epoch.
+        self.face_weights = (
+            torch.from_numpy(counts[labels].astype(np.float64) ** -class_balance) if class_balance else None
+        )
         self.faces = torch.from_numpy(np.ascontiguousarray(faces)).to(device)  # (N, 112, 112, 3)
         self.labels = torch.as_tensor(labels, device=device)
         self.batch_size, self.device, self.seed = batch_size, device, seed
@@ -119,19 +130,26 @@ class DeviceBatches:
     def epoch(self, epoch: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
         """Per step, this process's micro-batches: [(images (b, 3, 112, 112), labels (b,)), ...]."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.faces), generator=generator)
-        if self.identity_cap:
-            order = order[_first_per_label(self.labels.cpu()[order], self.identity_cap)]
-        order = order.to(self.device)
-        draws = self.augmentation.draw(len(self.faces), generator)
+        if self.face_weights is not None:
+            order = torch.multinomial(self.face_weights, self.epoch_size, replacement=True, generator=generator)
+            draw_keys = torch.arange(self.epoch_size)  # augmentation per draw: a face may come twice
+            draws = self.augmentation.draw(self.epoch_size, generator)
+        else:
+            order = torch.randperm(len(self.faces), generator=generator)
+            if self.identity_cap:
+                order = order[_first_per_label(self.labels.cpu()[order], self.identity_cap)]
+            draw_keys = order  # augmentation per face: each comes at most once
+            draws = self.augmentation.draw(len(self.faces), generator)
+        order, draw_keys = order.to(self.device), draw_keys.to(self.device)
         draws = {name: values.to(self.device) for name, values in draws.items()}
         for step in range(len(self)):
             micro_batches = []
             for part in range(self.rank * self.accumulate, (self.rank + 1) * self.accumulate):
                 start = step * self.batch_size + part * self.micro_size
                 index = order[start : start + self.micro_size]
+                keys = draw_keys[start : start + self.micro_size]
                 images = to_model_input(self.faces[index])
-                images = self.augmentation.apply(images, {name: v[index] for name, v in draws.items()})
+                images = self.augmentation.apply(images, {name: v[keys] for name, v in draws.items()})
                 micro_batches.append((images, self.labels[index]))
             yield micro_batches
 
