@@ -281,7 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     path(sub, "--protocols", LAYOUT.protocols, "folder of LFW protocol files")
     path(sub, "--out", LAYOUT.model, "model folder")
 
-    sub = command("embed", _embed, "embed every aligned face (L2-normalized)")
+    sub = command(
+        "embed",
+        _embed,
+        "embed every aligned face (L2-normalized); with embed.texture also fuse LBP texture vectors",
+    )
     path(sub, "--aligned", LAYOUT.aligned, "aligned store")
     path(sub, "--models", LAYOUT.model, "trained models folder (group-*/checkpoint.pt)")
     path(sub, "--out", LAYOUT.embeddings, "embeddings folder")

@@ -166,6 +166,11 @@ class EmbedParams(_Section):
     batch_size: int = Field(128, ge=1, le=65536)
     flip: bool = True  # flip test-time augmentation: embed(x) + embed(mirror(x)), re-normalized
     device: Device = "auto"
+    # fuse LBP texture descriptors (PCA + LDA fit on the model's training people) with the network's
+    # embedding: the `fused` variant becomes the primary one (arcface/texture.py)
+    texture: bool = False
+    texture_pca_dims: int = Field(800, ge=1, le=16384)
+    texture_lda_dims: int = Field(400, ge=1, le=16384)
 
 
 class IndexParams(_Section):

@@ -18,18 +18,20 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from arcface import texture
 from arcface.config import EmbedParams
 from arcface.data import store
 from arcface.data.datasets import to_model_input
 from arcface.device import autocast, autocast_dtype, resolve_device
 from arcface.files import atomic_path, read_json, sha256_file, write_json
-from arcface.train import CHECKPOINT_FILE, group_dirs, load_backbone
+from arcface.train import CHECKPOINT_FILE, SPLIT_FILE, group_dirs, load_backbone
 
 logger = logging.getLogger(__name__)
 
-VARIANTS = ("flip", "plain")
+VARIANTS = ("flip", "plain")  # always written; with embed.texture also "texture" and "fused"
 ROWS_FILE = "rows.npy"
 INFO_FILE = "embed.json"
+TEXTURE_FILE = "texture.npz"  # the fitted texture model, for embedding query photos the same way
 
 
 @torch.inference_mode()
@@ -93,6 +95,7 @@ def run(params: EmbedParams, aligned_dir: Path, models_dir: Path, out_dir: Path)
         raise ValueError(f"{aligned_dir}: faces.npy has {len(faces)} rows but the manifest {len(manifest)}")
     selected = np.asarray(faces[rows])
     models = group_dirs(models_dir)
+    descriptors = None  # LBP descriptors of `selected`, shared by every group's model when they fit in RAM
     with atomic_path(out_dir, directory=True) as temp:
         for group, folder in enumerate(models):
             checkpoint = folder / CHECKPOINT_FILE
@@ -103,6 +106,25 @@ def run(params: EmbedParams, aligned_dir: Path, models_dir: Path, out_dir: Path)
             _check_finite(vectors, rows, manifest, checkpoint)
             target = temp / folder.name
             target.mkdir()
+            network = "flip" if params.flip else "plain"
+            primary = network
+            if params.texture:
+                labels = manifest["identity"].to_numpy()[rows]
+                if not (folder / SPLIT_FILE).exists():
+                    raise FileNotFoundError(
+                        f"{folder / SPLIT_FILE}: not found; embed.texture fits on the people the model "
+                        "trained on, which `arcface train` records there (retrain, or set embed.texture: "
+                        "false)"
+                    )
+                trained = set(read_json(folder / SPLIT_FILE)["identities"])
+                if descriptors is None and texture.fits_in_memory(len(selected)):
+                    descriptors = texture.descriptors(selected, progress=True)
+                texture_model, vectors["texture"] = _fit_texture(
+                    params, selected, descriptors, labels, np.isin(labels, list(trained)), vectors[network]
+                )
+                vectors["fused"] = texture_model.fuse(vectors[network], vectors["texture"])
+                texture_model.save(target / TEXTURE_FILE)
+                primary = "fused"
             for variant, values in vectors.items():
                 np.save(target / f"{variant}.npy", values)
             np.save(target / ROWS_FILE, rows.astype(np.int64))
@@ -111,15 +133,57 @@ def run(params: EmbedParams, aligned_dir: Path, models_dir: Path, out_dir: Path)
                 {
                     "group": group,
                     "count": len(rows),
-                    "dimension": int(vectors["flip"].shape[1]),
-                    "primary": "flip" if params.flip else "plain",
+                    "dimension": int(vectors[primary].shape[1]),
+                    "primary": primary,
+                    "network": network,
+                    "variants": list(vectors),
                     "checkpoint_sha256": sha256_file(checkpoint),
                     "backbone": payload["train_params"]["backbone"],
                 },
             )
-    dimension = int(vectors["flip"].shape[1])
-    logger.info("embedded %d faces into %d-d vectors with %d model(s)", len(rows), dimension, len(models))
+    dimension = int(vectors[primary].shape[1])
+    logger.info(
+        "embedded %d faces into %d-d vectors (%s) with %d model(s)",
+        len(rows),
+        dimension,
+        primary,
+        len(models),
+    )
     return EmbedResult(Path(out_dir), len(rows), dimension, len(models))
+
+
+def _fit_texture(
+    params: EmbedParams,
+    faces: np.ndarray,
+    descriptors: np.ndarray | None,
+    labels: np.ndarray,
+    trained: np.ndarray,
+    network: np.ndarray,
+) -> tuple[texture.TextureModel, np.ndarray]:
+    """Fit PCA + LDA on the faces of the people the model trained on (`trained`), and weigh the two
+    views by their spread over impostor pairs of those faces. Returns the model and every face's
+    texture vector (from `descriptors` when given, else computed chunk by chunk)."""
+    positions = np.flatnonzero(trained)
+    sample = positions[texture.fit_rows(labels[positions])]
+    fit_on = descriptors[sample] if descriptors is not None else texture.descriptors(faces[sample])
+    model = texture.fit(fit_on, labels[sample], params.texture_pca_dims, params.texture_lda_dims)
+    if descriptors is not None:
+        vectors = model.project(descriptors).astype(np.float32)
+    else:
+        vectors = texture.project_faces(model, faces, progress=True)
+    model.network_spread = texture.impostor_spread(network[sample], labels[sample])
+    model.texture_spread = texture.impostor_spread(vectors[sample], labels[sample])
+    logger.info(
+        "texture: %d-d LBP -> %d-d PCA + LDA fit on %d faces of %d people; impostor spread: network "
+        "%.3f, texture %.3f",
+        fit_on.shape[1],
+        vectors.shape[1],
+        len(sample),
+        len(np.unique(labels[sample])),
+        model.network_spread,
+        model.texture_spread,
+    )
+    return model, vectors
 
 
 def _check_finite(vectors: dict[str, np.ndarray], rows: np.ndarray, manifest: Any, checkpoint: Path) -> None:

@@ -282,10 +282,11 @@ def run(
         )
     groups = protocol.pairs["group"].to_numpy()
     same = protocol.pairs["same"].to_numpy(dtype=bool)
-    primary = load_embeddings(embeddings_dir, group=0)[2]["primary"]
+    info = load_embeddings(embeddings_dir, group=0)[2]
+    primary = info["primary"]
     scored = {
         variant: _score(protocol, embeddings_dir, variant, rows1, rows2, threshold_rows)
-        for variant in VARIANTS
+        for variant in info.get("variants", VARIANTS)
     }
     reports = {}
     for variant, result in scored.items():
@@ -397,13 +398,12 @@ def _write_outputs(
     if angles:
         with atomic_path(out_dir / ANGLES_PLOT) as temp:
             plots.angle_distributions(angles, temp)
-    other = next(v for v in reports if v != primary)
     metrics: dict[str, Any] = {
         "protocol": report.protocol,
         "groups": protocol.groups,
         "embedding": primary,
         **report.scalars(),
-        f"with_{other}": reports[other].scalars(),
+        **{f"with_{other}": reports[other].scalars() for other in reports if other != primary},
         "folds": [asdict(f) | {"model": f"group-{f.group}"} for f in report.folds],
     }
     if identified is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,7 +21,7 @@ import pandas as pd
 
 from arcface.config import IndexParams
 from arcface.data import store
-from arcface.embed import load_embeddings
+from arcface.embed import TEXTURE_FILE, load_embeddings
 from arcface.files import atomic_path, read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -186,10 +187,13 @@ def run(params: IndexParams, embeddings_dir: Path, aligned_dir: Path, out_dir: P
         "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "checkpoint_sha256": embed_info["checkpoint_sha256"],
         "backbone": embed_info.get("backbone"),
-        "flip": embed_info["primary"] == "flip",
+        "flip": embed_info.get("network", embed_info["primary"]) == "flip",
+        "embedding": embed_info["primary"],
     }
     with atomic_path(out_dir, directory=True) as temp:
         faiss.write_index(index, str(temp / INDEX_FILE))
+        if embed_info["primary"] == "fused":  # queries need the same texture projection and weights
+            shutil.copyfile(Path(embeddings_dir) / "group-0" / TEXTURE_FILE, temp / TEXTURE_FILE)
         labels.to_parquet(temp / LABELS_FILE, index=False)
         write_json(temp / INFO_FILE, info)
     logger.info(

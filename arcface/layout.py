@@ -44,7 +44,8 @@ class Layout:
 
     @property
     def embeddings(self) -> Path:
-        """embed: `group-<g>/` with `flip.npy`, `plain.npy` (N×D float32), `rows.npy`, `embed.json`."""
+        """embed: `group-<g>/` with `flip.npy`, `plain.npy` (N×D float32), `rows.npy`, `embed.json`; with
+        embed.texture also `texture.npy`, `fused.npy` and the fitted `texture.npz`."""
         return self.root / "data" / "embeddings"
 
     @property

@@ -11,11 +11,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from arcface import texture
 from arcface.config import AlignParams, EmbedParams, Params, load_params
 from arcface.data.align import FaceAligner
 from arcface.data.images import ImageReadError, load_rgb
 from arcface.device import autocast_dtype, resolve_device
-from arcface.embed import embed_faces
+from arcface.embed import TEXTURE_FILE, embed_faces
 from arcface.files import read_json, sha256_file
 from arcface.index import FaceIndex, IndexMismatchError, Match, load_index
 from arcface.layout import Layout
@@ -86,7 +87,17 @@ class FaceSearcher:
             )
         device = resolve_device(embed.device)
         self.model, payload = load_backbone(checkpoint, device)
+        self.texture: texture.TextureModel | None = None
         dimension = payload["train_params"]["embedding_size"]
+        if self.index.info.get("embedding") == "fused":  # the index holds network + texture vectors
+            fitted = Path(index_dir) / TEXTURE_FILE
+            if not fitted.exists():
+                raise FileNotFoundError(
+                    f"{fitted}: not found, but {index_dir} holds fused (network + texture) vectors; "
+                    "rebuild the index (embed, index)"
+                )
+            self.texture = texture.TextureModel.load(fitted)
+            dimension += self.texture.projection.shape[1]
         if dimension != self.index.index.d:
             raise IndexMismatchError(
                 f"{checkpoint} embeds into {dimension} dimensions but {index_dir} holds {self.index.index.d}"
@@ -107,7 +118,10 @@ class FaceSearcher:
         face, detection = self.aligner.align_one(image)
         if detection.status != "ok":
             return QueryFace("no_face", detection.reason, image=image)
-        vector = embed_faces(self.model, face[None], flip=self.flip, amp=self.amp)[0]
+        vector = embed_faces(self.model, face[None], flip=self.flip, amp=self.amp)
+        if self.texture is not None:
+            vector = self.texture.fuse(vector, self.texture.project(texture.descriptors(face[None])))
+        vector = vector[0]
         return QueryFace("ok", detection.reason, image, face, detection.box, vector)
 
     def search(self, photo: Path, k: int) -> SearchResult:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from arcface import texture
 from arcface.config import EmbedParams, EvaluateParams, TrainParams
 from arcface.data import store
 from arcface.data.datasets import training_split
 from arcface.embed import load_embeddings, run
 from arcface.evaluate import EvaluationError
 from arcface.evaluate import run as evaluate
+from arcface.files import read_json, write_json
 from arcface.train import CHECKPOINT_FILE, fit, load_checkpoint
 
 SAMPLE_PAIRS = Path(__file__).parent / "data" / "sample" / "pairs.txt"
@@ -70,3 +73,44 @@ def test_nan_embeddings_stop_the_evaluation(aligned_tiny: Path, models: Path, tm
     with pytest.raises(EvaluationError, match="not finite with the flip embeddings"):
         evaluate(EvaluateParams(), protocols, aligned_tiny, tmp_path / "emb", tmp_path / "reports")
     assert not (tmp_path / "reports" / "metrics.json").exists()
+
+
+def test_texture_fuses_a_second_view_that_evaluate_scores(
+    aligned_tiny: Path, models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = store.read_manifest(aligned_tiny)
+    trained = tmp_path / "models"
+    shutil.copytree(models, trained)
+    people = sorted(training_split(manifest, set(), 2).classes)
+    write_json(trained / "group-0" / "split.json", {"identities": people})
+    result = run(EmbedParams(device="cpu", texture=True), aligned_tiny, trained, tmp_path / "emb")
+    fused, _, info = load_embeddings(tmp_path / "emb")
+    network, _, _ = load_embeddings(tmp_path / "emb", variant="flip")
+    textures, _, _ = load_embeddings(tmp_path / "emb", variant="texture")
+    assert info["primary"] == "fused" and info["variants"] == ["flip", "plain", "texture", "fused"]
+    assert textures.shape == (80, len(people) - 1)  # LDA: one direction fewer than the people
+    assert result.dimension == fused.shape[1] == 64 + len(people) - 1
+    model = texture.TextureModel.load(tmp_path / "emb" / "group-0" / "texture.npz")
+    assert np.allclose(fused, model.fuse(network, textures), atol=1e-6)
+    assert 0 < model.texture_spread < 1 and 0 < model.network_spread < 1
+    # a store too large to describe at once is projected chunk by chunk, to the same vectors
+    monkeypatch.setattr(texture, "MEMORY_FACES", 10)
+    run(EmbedParams(device="cpu", texture=True), aligned_tiny, trained, tmp_path / "chunked")
+    assert np.allclose(load_embeddings(tmp_path / "chunked")[0], fused, atol=1e-5)
+    protocols = tmp_path / "protocols"
+    protocols.mkdir()
+    lines = SAMPLE_PAIRS.read_text().splitlines()
+    (protocols / "pairs.txt").write_text("2\t10\n" + "\n".join(lines[1:41]) + "\n")
+    report = evaluate(EvaluateParams(), protocols, aligned_tiny, tmp_path / "emb", tmp_path / "reports")
+    metrics = read_json(tmp_path / "reports" / "metrics.json")
+    assert metrics["embedding"] == "fused" and metrics["accuracy_mean"] == report.accuracy_mean
+    assert {"with_flip", "with_plain", "with_texture"} <= set(metrics)
+    assert metrics["with_texture"]["accuracy_mean"] != metrics["with_flip"]["accuracy_mean"]
+
+
+def test_texture_without_the_training_split_is_refused(
+    aligned_tiny: Path, models: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(FileNotFoundError, match=r"group-0/split.json: not found; embed.texture fits"):
+        run(EmbedParams(device="cpu", texture=True), aligned_tiny, models, tmp_path / "emb")
+    assert not (tmp_path / "emb").exists()

@@ -52,7 +52,11 @@ def test_cli_stages_end_to_end_with_mlflow(
     metrics = read_json(workspace / "reports/metrics.json")
     assert metrics["pairs"] == 40 and len(metrics["folds"]) == 2 and metrics["groups"] == 1
     assert {"accuracy_mean", "auc", "eer", "tar_at_far_0.001", "tar_at_far_0.01"} <= set(metrics)
-    assert metrics["embedding"] == "flip" and "accuracy_mean" in metrics["with_plain"]
+    # params.yaml fuses the texture view; the network's embeddings are still reported on their own
+    assert metrics["embedding"] == "fused"
+    assert all(0 <= metrics[f"with_{v}"]["accuracy_mean"] <= 1 for v in ("flip", "plain", "texture"))
+    fused = np.load(workspace / "data/embeddings/group-0/fused.npy")
+    assert fused.shape == (80, 512 + 9)  # + LDA directions: one fewer than the 10 training people
     assert 0.0 <= metrics["accuracy_mean"] <= 1.0 and 0.0 <= metrics["auc"] <= 1.0
     roc = pd.read_csv(workspace / "reports/roc.csv")
     assert roc["fpr"].iloc[-1] == 1.0 and roc["tpr"].iloc[-1] == 1.0

@@ -42,10 +42,15 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: dict[str, 
 
 def service_of(workspace: Path, limits: UploadLimits | None = None) -> SearchService:
     """The search service over the workspace's model, index, aligned faces and reports."""
+    return service_of_index(workspace, workspace / "data/index", limits)
+
+
+def service_of_index(workspace: Path, index: Path, limits: UploadLimits | None = None) -> SearchService:
+    """The search service over the workspace's model, aligned faces and reports, and `index`."""
     return load_service(
         load_params(workspace / "params.yaml"),
         workspace / "models/group-0/checkpoint.pt",
-        workspace / "data/index",
+        index,
         workspace / "data/aligned",
         workspace / "reports",
         limits or UploadLimits(),
@@ -153,6 +158,46 @@ def test_verify_compares_two_photos(client: TestClient, workspace: Path) -> None
     blank = png(np.full((200, 200, 3), 90, np.uint8))
     half = client.post("/verify", files={"first": ("a.jpg", good), "second": ("blank.png", blank)}).json()
     assert half["cosine"] is None and half["faces"][1]["reason"] == "blank.png: no face found"
+
+
+def test_search_with_and_without_the_texture_view(workspace: Path, tmp_path: Path) -> None:
+    """params.yaml fuses the texture view (embed.texture): the index holds network + texture vectors and
+    queries are embedded the same way; without it the network's vectors alone are indexed and searched."""
+    plain = tmp_path / "ws"
+    shutil.copytree(workspace, plain, symlinks=True)
+    before = Path.cwd()
+    os.chdir(plain)
+    try:
+        for stage in ("embed", "index", "evaluate"):
+            assert cli.main([stage, "--set", "embed.texture=false"]) == 0, stage
+    finally:
+        os.chdir(before)
+    fused_info, plain_info = (read_json(ws / "data/index/index.json") for ws in (workspace, plain))
+    assert (fused_info["embedding"], plain_info["embedding"]) == ("fused", "flip")
+    people = len(read_json(workspace / "models/group-0/split.json")["identities"])
+    assert fused_info["dimension"] == plain_info["dimension"] + people - 1  # + the LDA directions
+    service = load_service(
+        load_params(plain / "params.yaml", ["embed.texture=false"]),
+        plain / "models/group-0/checkpoint.pt",
+        plain / "data/index",
+        plain / "data/aligned",
+        plain / "reports",
+    )
+    photo, identity = gallery_photo(plain)
+    answer = service.search("face.jpg", photo.read_bytes(), 2)
+    assert answer["identity"] == identity
+    assert answer["matches"][0]["score"] == pytest.approx(1, abs=1e-3)
+    assert service.searcher.texture is None
+    assert service.searcher.threshold == read_json(plain / "reports/metrics.json")["threshold"]
+
+
+def test_a_fused_index_without_its_texture_model_is_refused(workspace: Path, tmp_path: Path) -> None:
+    index = tmp_path / "index"
+    shutil.copytree(workspace / "data/index", index)
+    (index / "texture.npz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"index/texture.npz: not found, but .* holds fused"):
+        service_of_index(workspace, index)
+    assert (index / "faces.faiss").exists() and (workspace / "data/index/texture.npz").exists()
 
 
 def free_port() -> int:
