@@ -25,7 +25,7 @@ from tqdm import tqdm
 logger = logging.getLogger(__name__)
 
 SCALES = (112, 80, 56)  # face sizes the histograms are taken at (area-downsampled)
-RADII = (1, 2)  # LBP neighbour distances in pixels
+RADII = (1, 2, 3)  # LBP neighbour distances in pixels
 GRID = 7  # cells per side at every scale
 BINS = 59  # 58 uniform patterns (at most 2 bit transitions) + 1 for all others
 MEMORY_FACES = 60_000  # up to this many faces (~4 GiB of descriptors) are described once and kept
