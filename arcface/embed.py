@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from arcface import texture
+from arcface import bayes, texture
 from arcface.config import EmbedParams
 from arcface.data import store
 from arcface.data.datasets import to_model_input
@@ -28,10 +28,13 @@ from arcface.train import CHECKPOINT_FILE, SPLIT_FILE, group_dirs, load_backbone
 
 logger = logging.getLogger(__name__)
 
-VARIANTS = ("flip", "plain")  # always written; with embed.texture also "texture" and "fused"
+VARIANTS = ("flip", "plain")  # always written; with embed.texture also "texture" and "fused"; embed.bayes
+# adds "bayes": Joint Bayesian vectors of the primary ones, scored by bayes.pair_scores, not by a cosine
+SCORED_BY_BAYES = ("bayes",)
 ROWS_FILE = "rows.npy"
 INFO_FILE = "embed.json"
 TEXTURE_FILE = "texture.npz"  # the fitted texture model, for embedding query photos the same way
+BAYES_FILE = "bayes.npz"  # the fitted Joint Bayesian model
 
 
 @torch.inference_mode()
@@ -108,23 +111,22 @@ def run(params: EmbedParams, aligned_dir: Path, models_dir: Path, out_dir: Path)
             target.mkdir()
             network = "flip" if params.flip else "plain"
             primary = network
-            if params.texture:
+            if params.texture or params.bayes:
                 labels = manifest["identity"].to_numpy()[rows]
-                if not (folder / SPLIT_FILE).exists():
-                    raise FileNotFoundError(
-                        f"{folder / SPLIT_FILE}: not found; embed.texture fits on the people the model "
-                        "trained on, which `arcface train` records there (retrain, or set embed.texture: "
-                        "false)"
-                    )
-                trained = set(read_json(folder / SPLIT_FILE)["identities"])
+                sample = _fit_sample(folder, labels)
+            if params.texture:
                 if descriptors is None and texture.fits_in_memory(len(selected)):
                     descriptors = texture.descriptors(selected, progress=True)
                 texture_model, vectors["texture"] = _fit_texture(
-                    params, selected, descriptors, labels, np.isin(labels, list(trained)), vectors[network]
+                    params, selected, descriptors, labels, sample, vectors[network]
                 )
                 vectors["fused"] = texture_model.fuse(vectors[network], vectors["texture"])
                 texture_model.save(target / TEXTURE_FILE)
                 primary = "fused"
+            if params.bayes:
+                bayes_model = _fit_bayes(params, vectors[primary], labels, sample)
+                vectors["bayes"] = bayes_model.vectors(vectors[primary])
+                bayes_model.save(target / BAYES_FILE)
             for variant, values in vectors.items():
                 np.save(target / f"{variant}.npy", values)
             np.save(target / ROWS_FILE, rows.astype(np.int64))
@@ -152,19 +154,31 @@ def run(params: EmbedParams, aligned_dir: Path, models_dir: Path, out_dir: Path)
     return EmbedResult(Path(out_dir), len(rows), dimension, len(models))
 
 
+def _fit_sample(folder: Path, labels: np.ndarray) -> np.ndarray:
+    """Positions (in `labels`) of the faces the texture and Bayes models fit on: those of the people
+    the model trained on (its split.json), or a seeded sample of them."""
+    if not (folder / SPLIT_FILE).exists():
+        raise FileNotFoundError(
+            f"{folder / SPLIT_FILE}: not found; embed.texture and embed.bayes fit on the people the model "
+            "trained on, which `arcface train` records there (retrain, or set embed.texture and "
+            "embed.bayes: false)"
+        )
+    trained = set(read_json(folder / SPLIT_FILE)["identities"])
+    positions = np.flatnonzero(np.isin(labels, list(trained)))
+    return positions[texture.fit_rows(labels[positions])]
+
+
 def _fit_texture(
     params: EmbedParams,
     faces: np.ndarray,
     descriptors: np.ndarray | None,
     labels: np.ndarray,
-    trained: np.ndarray,
+    sample: np.ndarray,
     network: np.ndarray,
 ) -> tuple[texture.TextureModel, np.ndarray]:
-    """Fit PCA + LDA on the faces of the people the model trained on (`trained`), and weigh the two
-    views by their spread over impostor pairs of those faces. Returns the model and every face's
-    texture vector (from `descriptors` when given, else computed chunk by chunk)."""
-    positions = np.flatnonzero(trained)
-    sample = positions[texture.fit_rows(labels[positions])]
+    """Fit PCA + LDA on the faces at positions `sample` (of the people the model trained on), and weigh
+    the two views by their spread over impostor pairs of those faces. Returns the model and every
+    face's texture vector (from `descriptors` when given, else computed chunk by chunk)."""
     fit_on = descriptors[sample] if descriptors is not None else texture.descriptors(faces[sample])
     model = texture.fit(fit_on, labels[sample], params.texture_pca_dims, params.texture_lda_dims)
     if descriptors is not None:
@@ -184,6 +198,21 @@ def _fit_texture(
         model.texture_spread,
     )
     return model, vectors
+
+
+def _fit_bayes(
+    params: EmbedParams, vectors: np.ndarray, labels: np.ndarray, sample: np.ndarray
+) -> bayes.BayesModel:
+    """The Joint Bayesian model of `vectors` fit on the faces at positions `sample`."""
+    model = bayes.fit(vectors[sample], labels[sample], params.bayes_dims, params.bayes_shrink)
+    logger.info(
+        "bayes: %d-d -> %d-d Joint Bayesian model fit on %d faces of %d people",
+        vectors.shape[1],
+        model.basis.shape[1],
+        len(sample),
+        len(np.unique(labels[sample])),
+    )
+    return model
 
 
 def _check_finite(vectors: dict[str, np.ndarray], rows: np.ndarray, manifest: Any, checkpoint: Path) -> None:

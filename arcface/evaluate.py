@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from arcface import identification, plots
+from arcface import bayes, identification, plots
 from arcface.config import EvaluateParams
 from arcface.data import store
-from arcface.embed import VARIANTS, load_embeddings
+from arcface.embed import SCORED_BY_BAYES, VARIANTS, load_embeddings
 from arcface.files import atomic_path, write_json
 from arcface.protocol import ProtocolPlan, plan
 
@@ -32,7 +32,8 @@ ROC_PLOT = "roc.png"
 HISTOGRAM_PLOT = "scores.png"
 FOLDS_PLOT = "folds.png"
 ANGLES_PLOT = "angles.png"
-# Unscorable pairs get the worst possible cosine, so every threshold in [-1, 1] counts them as errors.
+# Unscorable pairs get a score beyond every real one (2 for cosines in [-1, 1]; Joint Bayesian scores are
+# unbounded, so past their largest magnitude), so every threshold counts them as errors.
 _WORST = 2.0
 IDENTIFICATION_FARS = (1e-2, 1e-1)  # open-set DIR reported at these false-alarm rates
 
@@ -174,7 +175,8 @@ def verify(
     same = same.astype(bool)
     groups = np.zeros(len(scores), dtype=int) if groups is None else groups
     unscorable = np.zeros(len(scores), dtype=bool) if unscorable is None else unscorable
-    scores = np.where(unscorable, np.where(same, -_WORST, _WORST), scores)
+    worst = worst_score(scores[~unscorable])
+    scores = np.where(unscorable, np.where(same, -worst, worst), scores)
     results = []
     for fold in np.unique(folds):
         held = folds == fold
@@ -200,6 +202,11 @@ def verify(
         unscorable_pairs=int(unscorable.sum()),
         folds=results,
     )
+
+
+def worst_score(scores: np.ndarray) -> float:
+    """A score farther from every threshold than any of `scores`: what unscorable pairs get."""
+    return max(_WORST, 1.0 + float(np.abs(scores[np.isfinite(scores)]).max(initial=0.0)))
 
 
 def pair_rows(
@@ -239,9 +246,14 @@ def pair_rows(
 
 
 def cosine_of_pairs(
-    embeddings: np.ndarray, embedding_rows: np.ndarray, rows1: np.ndarray, rows2: np.ndarray
+    embeddings: np.ndarray,
+    embedding_rows: np.ndarray,
+    rows1: np.ndarray,
+    rows2: np.ndarray,
+    joint_bayesian: bool = False,
 ) -> np.ndarray:
-    """Cosine of each pair from one model's (N, D) unit embeddings of manifest rows `embedding_rows`;
+    """Cosine of each pair from one model's (N, D) unit embeddings of manifest rows `embedding_rows`
+    (with `joint_bayesian`: the Bayes vectors' log-likelihood ratio, bayes.pair_scores, instead);
     pairs touching a row without an embedding get NaN."""
     position = np.full(
         int(max(rows1.max(initial=0), rows2.max(initial=0), embedding_rows.max(initial=0))) + 1, -1
@@ -250,7 +262,10 @@ def cosine_of_pairs(
     first, second = position[rows1], position[rows2]
     valid = (first >= 0) & (second >= 0)
     scores = np.full(len(rows1), np.nan)
-    scores[valid] = np.einsum("nd,nd->n", embeddings[first[valid]], embeddings[second[valid]])
+    if joint_bayesian:
+        scores[valid] = bayes.pair_scores(embeddings[first[valid]], embeddings[second[valid]])
+    else:
+        scores[valid] = np.einsum("nd,nd->n", embeddings[first[valid]], embeddings[second[valid]])
     return scores
 
 
@@ -295,8 +310,9 @@ def run(
         if protocol.threshold_pairs is not None:
             threshold_same = protocol.threshold_pairs["same"].to_numpy(dtype=bool)
             threshold_unscorable = threshold_rows[2]
+            worst = worst_score(result.threshold_scores[~threshold_unscorable])
             result.threshold_scores = np.where(
-                threshold_unscorable, np.where(threshold_same, -_WORST, _WORST), result.threshold_scores
+                threshold_unscorable, np.where(threshold_same, -worst, worst), result.threshold_scores
             )
         reports[variant] = verify(
             np.nan_to_num(result.scores),
@@ -336,14 +352,17 @@ def _score(
 ) -> _Scored:
     scores = np.full(len(rows1), np.nan)
     groups = protocol.pairs["group"].to_numpy()
+    joint_bayesian = variant in SCORED_BY_BAYES
     for group in range(protocol.groups):
         vectors, embedding_rows, _ = load_embeddings(embeddings_dir, group=group, variant=variant)
         mine = groups == group
-        scores[mine] = cosine_of_pairs(vectors, embedding_rows, rows1[mine], rows2[mine])
+        scores[mine] = cosine_of_pairs(vectors, embedding_rows, rows1[mine], rows2[mine], joint_bayesian)
     threshold_scores = None
     if threshold_rows is not None:  # view1: one model
         vectors, embedding_rows, _ = load_embeddings(embeddings_dir, group=0, variant=variant)
-        threshold_scores = cosine_of_pairs(vectors, embedding_rows, threshold_rows[0], threshold_rows[1])
+        threshold_scores = cosine_of_pairs(
+            vectors, embedding_rows, threshold_rows[0], threshold_rows[1], joint_bayesian
+        )
     return _Scored(scores, threshold_scores)
 
 

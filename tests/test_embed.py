@@ -6,10 +6,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from arcface import texture
+from arcface import bayes, texture
 from arcface.config import EmbedParams, EvaluateParams, TrainParams
 from arcface.data import store
 from arcface.data.datasets import training_split
@@ -75,7 +76,7 @@ def test_nan_embeddings_stop_the_evaluation(aligned_tiny: Path, models: Path, tm
     assert not (tmp_path / "reports" / "metrics.json").exists()
 
 
-def test_texture_fuses_a_second_view_that_evaluate_scores(
+def test_texture_and_bayes_make_variants_that_evaluate_scores(
     aligned_tiny: Path, models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     manifest = store.read_manifest(aligned_tiny)
@@ -83,16 +84,23 @@ def test_texture_fuses_a_second_view_that_evaluate_scores(
     shutil.copytree(models, trained)
     people = sorted(training_split(manifest, set(), 2).classes)
     write_json(trained / "group-0" / "split.json", {"identities": people})
-    result = run(EmbedParams(device="cpu", texture=True), aligned_tiny, trained, tmp_path / "emb")
-    fused, _, info = load_embeddings(tmp_path / "emb")
+    params = EmbedParams(device="cpu", texture=True, bayes=True, bayes_dims=16)
+    result = run(params, aligned_tiny, trained, tmp_path / "emb")
+    fused, rows, info = load_embeddings(tmp_path / "emb")
     network, _, _ = load_embeddings(tmp_path / "emb", variant="flip")
     textures, _, _ = load_embeddings(tmp_path / "emb", variant="texture")
-    assert info["primary"] == "fused" and info["variants"] == ["flip", "plain", "texture", "fused"]
+    assert info["primary"] == "fused"
+    assert info["variants"] == ["flip", "plain", "texture", "fused", "bayes"]
     assert textures.shape == (80, len(people) - 1)  # LDA: one direction fewer than the people
     assert result.dimension == fused.shape[1] == 64 + len(people) - 1
     model = texture.TextureModel.load(tmp_path / "emb" / "group-0" / "texture.npz")
     assert np.allclose(fused, model.fuse(network, textures), atol=1e-6)
     assert 0 < model.texture_spread < 1 and 0 < model.network_spread < 1
+    # the Joint Bayesian model works on the primary (fused) vectors, in 16 PCA dimensions + a bias
+    bayes_vectors, _, _ = load_embeddings(tmp_path / "emb", variant="bayes")
+    bayes_model = bayes.BayesModel.load(tmp_path / "emb" / "group-0" / "bayes.npz")
+    assert bayes_vectors.shape == (80, 17)
+    assert np.allclose(bayes_vectors, bayes_model.vectors(fused), atol=1e-5)
     # a store too large to describe at once is projected chunk by chunk, to the same vectors
     monkeypatch.setattr(texture, "MEMORY_FACES", 10)
     run(EmbedParams(device="cpu", texture=True), aligned_tiny, trained, tmp_path / "chunked")
@@ -104,13 +112,22 @@ def test_texture_fuses_a_second_view_that_evaluate_scores(
     report = evaluate(EvaluateParams(), protocols, aligned_tiny, tmp_path / "emb", tmp_path / "reports")
     metrics = read_json(tmp_path / "reports" / "metrics.json")
     assert metrics["embedding"] == "fused" and metrics["accuracy_mean"] == report.accuracy_mean
-    assert {"with_flip", "with_plain", "with_texture"} <= set(metrics)
+    assert {"with_flip", "with_plain", "with_texture", "with_bayes"} <= set(metrics)
     assert metrics["with_texture"]["accuracy_mean"] != metrics["with_flip"]["accuracy_mean"]
+    # evaluate scores the bayes variant by the log-likelihood ratio, not by a cosine
+    scores = pd.read_csv(tmp_path / "reports" / "scores.csv")
+    position = {path: i for i, path in enumerate(manifest["path"].to_numpy()[rows])}
+    first = bayes_vectors[scores["path1"].map(position).to_numpy()]
+    second = bayes_vectors[scores["path2"].map(position).to_numpy()]
+    expected = bayes.pair_scores(first, second)
+    assert np.allclose(scores["score_bayes"], expected, atol=1e-4)
+    assert not np.allclose(scores["score_bayes"], np.einsum("nd,nd->n", first, second), atol=1e-2)
 
 
-def test_texture_without_the_training_split_is_refused(
+def test_texture_or_bayes_without_the_training_split_is_refused(
     aligned_tiny: Path, models: Path, tmp_path: Path
 ) -> None:
-    with pytest.raises(FileNotFoundError, match=r"group-0/split.json: not found; embed.texture fits"):
-        run(EmbedParams(device="cpu", texture=True), aligned_tiny, models, tmp_path / "emb")
-    assert not (tmp_path / "emb").exists()
+    for params in (EmbedParams(device="cpu", texture=True), EmbedParams(device="cpu", bayes=True)):
+        with pytest.raises(FileNotFoundError, match=r"group-0/split.json: not found; embed.texture and"):
+            run(params, aligned_tiny, models, tmp_path / "emb")
+        assert not (tmp_path / "emb").exists()

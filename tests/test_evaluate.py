@@ -105,14 +105,17 @@ def test_view1_threshold_comes_from_the_training_pairs() -> None:
     assert report.accuracy_mean == pytest.approx(1.0)
 
 
-def test_unscorable_pairs_count_as_errors_whatever_the_threshold() -> None:
-    scores, same = np.array([0.9, 0.8, 0.1, 0.2, 0.95, 0.05]), np.array([1, 1, 0, 0, 1, 0], bool)
+@pytest.mark.parametrize("scale", [1.0, 40.0])  # cosines, and Joint Bayesian scores far outside [-1, 1]
+def test_unscorable_pairs_count_as_errors_whatever_the_threshold(scale: float) -> None:
+    scores = np.array([0.9, 0.8, 0.1, 0.2, 0.95, 0.05]) * scale
+    same = np.array([1, 1, 0, 0, 1, 0], bool)
     unscorable = np.array([False, False, False, False, True, True])
     report = verify(
         scores, same, np.array([0, 0, 0, 1, 1, 1]), (1e-3,), "view2", None, None, None, unscorable
     )
     assert report.unscorable_pairs == 2
     assert report.accuracy_mean == pytest.approx((1.0 + 1 / 3) / 2)  # fold 1: both unscorable are wrong
+    assert report.auc == pytest.approx(4 / 9)  # in the ROC they rank below / above every other pair
 
 
 def test_perfect_scores() -> None:
