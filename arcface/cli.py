@@ -165,7 +165,8 @@ def _search(args: argparse.Namespace) -> int:
         print(f"wrote {len(results)} answers to {args.csv}")
     else:
         if threshold is not None:
-            print(f"(unknown below cosine {threshold:.4f}, the evaluation's threshold)")
+            name = "Joint Bayesian score" if searcher.bayes is not None else "cosine"
+            print(f"(unknown below {name} {threshold:.4f}, the evaluation's threshold)")
         for result in results:
             if result.status != "ok":
                 print(f"{result.photo}: {result.status}: {result.reason}")
@@ -328,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
         "search",
         _search,
         "who is in these photos: each raw photo is aligned and embedded like the training faces, and the "
-        "top-k identities are printed with cosine scores; `unknown` when the best is under the threshold",
+        "top-k identities are printed with their scores (cosine, or Joint Bayesian with embed.bayes); "
+        "`unknown` when the best is under the threshold",
     )
     sub.add_argument("photos", type=Path, nargs="+", help="photos or folders of photos")
     sub.add_argument("--k", type=int, default=None, help="identities per photo (default: index.k)")
@@ -337,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold",
         type=float,
         default=None,
-        help="cosine under which a face is unknown (default: the one in --metrics)",
+        help="score under which a face is unknown (default: the one in --metrics)",
     )
     path(sub, "--metrics", LAYOUT.reports / "metrics.json", "evaluation metrics holding the threshold")
     path(sub, "--checkpoint", LAYOUT.model / "group-0" / "checkpoint.pt", "trained checkpoint")

@@ -171,8 +171,9 @@ class EmbedParams(_Section):
     texture: bool = False
     texture_pca_dims: int = Field(800, ge=1, le=16384)
     texture_lda_dims: int = Field(400, ge=1, le=16384)
-    # score pairs with a Joint Bayesian model of the primary vectors (fit on the model's training people):
-    # the `bayes` variant, reported by evaluate as with_bayes (arcface/bayes.py)
+    # score pairs with a Joint Bayesian model of the network's or fused vectors (fit on the model's
+    # training people): the `bayes` variant becomes the primary one, for evaluate, the index and search
+    # (arcface/bayes.py)
     bayes: bool = False
     bayes_dims: int = Field(384, ge=1, le=16384)
     bayes_shrink: float = Field(0.1, ge=0.0, le=1.0)

@@ -28,8 +28,9 @@ from arcface.train import CHECKPOINT_FILE, SPLIT_FILE, group_dirs, load_backbone
 
 logger = logging.getLogger(__name__)
 
-VARIANTS = ("flip", "plain")  # always written; with embed.texture also "texture" and "fused"; embed.bayes
-# adds "bayes": Joint Bayesian vectors of the primary ones, scored by bayes.pair_scores, not by a cosine
+VARIANTS = ("flip", "plain")  # always written; with embed.texture also "texture" and "fused" (primary);
+# embed.bayes adds "bayes" (then primary): Joint Bayesian vectors of the network's or fused vectors, scored by
+# bayes.pair_scores, not by a cosine
 SCORED_BY_BAYES = ("bayes",)
 ROWS_FILE = "rows.npy"
 INFO_FILE = "embed.json"
@@ -123,10 +124,13 @@ def run(params: EmbedParams, aligned_dir: Path, models_dir: Path, out_dir: Path)
                 vectors["fused"] = texture_model.fuse(vectors[network], vectors["texture"])
                 texture_model.save(target / TEXTURE_FILE)
                 primary = "fused"
+            bayes_input = None
             if params.bayes:
-                bayes_model = _fit_bayes(params, vectors[primary], labels, sample)
-                vectors["bayes"] = bayes_model.vectors(vectors[primary])
+                bayes_input = primary
+                bayes_model = _fit_bayes(params, vectors[bayes_input], labels, sample)
+                vectors["bayes"] = bayes_model.vectors(vectors[bayes_input])
                 bayes_model.save(target / BAYES_FILE)
+                primary = "bayes"
             for variant, values in vectors.items():
                 np.save(target / f"{variant}.npy", values)
             np.save(target / ROWS_FILE, rows.astype(np.int64))
@@ -138,6 +142,7 @@ def run(params: EmbedParams, aligned_dir: Path, models_dir: Path, out_dir: Path)
                     "dimension": int(vectors[primary].shape[1]),
                     "primary": primary,
                     "network": network,
+                    "bayes_input": bayes_input,  # the variant the Joint Bayesian model maps (or None)
                     "variants": list(vectors),
                     "checkpoint_sha256": sha256_file(checkpoint),
                     "backbone": payload["train_params"]["backbone"],

@@ -1,4 +1,5 @@
-"""Verification metrics and the evaluate stage: cosine scores, held-out thresholds, ROC numbers, plots.
+"""Verification metrics and the evaluate stage: cosine (or Joint Bayesian) scores, held-out thresholds,
+ROC numbers, plots.
 
 The protocol (which pairs, which model scores which fold, where thresholds come from) is arcface.protocol;
 this module is the arithmetic: pure numpy/pandas in, a small dataclass out. Every threshold is chosen on
@@ -410,7 +411,11 @@ def _write_outputs(
         title = f"{report.protocol}: AUC {report.auc:.4f}, accuracy {report.accuracy_mean:.4f}"
         plots.roc(curves, title, temp)
     with atomic_path(out_dir / HISTOGRAM_PLOT) as temp:
-        plots.score_histogram(scores, same, report.threshold, temp)
+        if primary in SCORED_BY_BAYES:
+            label = "Joint Bayesian score (log-likelihood ratio, standardized)"
+            plots.score_histogram(scores[~unscorable], same[~unscorable], report.threshold, temp, label, None)
+        else:
+            plots.score_histogram(scores, same, report.threshold, temp)
     with atomic_path(out_dir / FOLDS_PLOT) as temp:
         plots.fold_accuracy(folds, report.accuracy_mean, temp)
     angles = _training_angles(models_dir) if models_dir is not None else {}

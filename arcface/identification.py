@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from arcface import bayes
 from arcface.files import read_json
 
 logger = logging.getLogger(__name__)
@@ -74,15 +75,22 @@ def identify(
     identities: np.ndarray,
     far_targets: tuple[float, ...] = (1e-2,),
     ranks: tuple[int, ...] = RANKS,
+    joint_bayesian: bool = False,
 ) -> IdentificationResult:
-    """Closed- and open-set identification over (N, D) unit vectors of faces with these identities."""
+    """Closed- and open-set identification over (N, D) unit vectors of faces with these identities
+    (scored by their cosine, or with `joint_bayesian` Bayes vectors by bayes.scores_against)."""
     identities = np.asarray(identities)
     gallery, mated, nonmated = split_gallery(identities)
     if len(gallery) == 0:
         return IdentificationResult(0, len(mated), len(nonmated), dict.fromkeys(ranks, 0), {}, {})
-    gallery_vectors = vectors[gallery].astype(np.float64)  # (G, D)
+
+    def against_gallery(probes: np.ndarray) -> np.ndarray:  # (P, G) scores
+        if joint_bayesian:
+            return bayes.scores_against(vectors[probes], vectors[gallery])
+        return vectors[probes].astype(np.float64) @ vectors[gallery].astype(np.float64).T
+
     gallery_names = identities[gallery]
-    mated_scores = vectors[mated].astype(np.float64) @ gallery_vectors.T  # (M, G)
+    mated_scores = against_gallery(mated)  # (M, G)
     column = {name: position for position, name in enumerate(gallery_names)}
     truth = np.array([column[name] for name in identities[mated]], dtype=np.int64)  # (M,) own identity
     true_scores = mated_scores[np.arange(len(mated)), truth]
@@ -91,7 +99,7 @@ def identify(
     hits = {k: int((rank <= k).sum()) for k in ranks}
     detected, thresholds, dir_probes = {}, {}, {}
     if len(nonmated):
-        impostor_best = (vectors[nonmated].astype(np.float64) @ gallery_vectors.T).max(axis=1)
+        impostor_best = against_gallery(nonmated).max(axis=1)
         descending = np.sort(impostor_best)[::-1]
         best_mated = true_scores  # a rank-1 probe's top score is its own identity's
         for far in far_targets:
@@ -128,7 +136,7 @@ def evaluate_models(
 ) -> dict[str, Any] | None:
     """Each model's identification experiment on the identities it never trained on (from its
     split.json), and the totals; None when the models folder doesn't say what they trained on."""
-    from arcface.embed import load_embeddings
+    from arcface.embed import SCORED_BY_BAYES, load_embeddings
     from arcface.train import SPLIT_FILE, group_dirs
 
     folders = group_dirs(models_dir)
@@ -141,7 +149,9 @@ def evaluate_models(
         trained = set(read_json(folder / SPLIT_FILE)["identities"])
         names = manifest["identity"].to_numpy()[rows]
         unseen = ~np.isin(names, list(trained))
-        per_model.append(identify(vectors[unseen], names[unseen], far_targets))
+        per_model.append(
+            identify(vectors[unseen], names[unseen], far_targets, joint_bayesian=variant in SCORED_BY_BAYES)
+        )
     total = combine(per_model)
     logger.info(
         "identification: rank-1 %s, rank-5 %s over %d mated and %d non-mated probes",

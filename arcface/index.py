@@ -2,6 +2,10 @@
 
 Embeddings are L2-normalized, so inner product is cosine similarity and an exact `IndexFlatIP` returns
 the most similar faces first. The labels table maps each index position to its identity and image.
+
+Joint Bayesian vectors (embed.bayes) are indexed as they are: a gallery vector is [inner part, bias] and
+the query's bias column is set to 1, so the inner product is the pair's score less the query's own bias,
+which is the same for every gallery face and is added back to the scores returned.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import faiss
 import numpy as np
 import pandas as pd
 
+from arcface import bayes
 from arcface.config import IndexParams
 from arcface.data import store
-from arcface.embed import TEXTURE_FILE, load_embeddings
+from arcface.embed import BAYES_FILE, TEXTURE_FILE, load_embeddings
 from arcface.files import atomic_path, read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -38,7 +43,7 @@ class IndexMismatchError(ValueError):
 @dataclass(frozen=True)
 class Match:
     identity: str
-    score: float  # cosine of the best-matching gallery face of this identity
+    score: float  # cosine (or Joint Bayesian score) of the best-matching gallery face of this identity
     path: str  # that gallery face's image
 
 
@@ -59,7 +64,13 @@ class FaceIndex:
             )
         # An identity can hold many of the nearest faces; fetch enough neighbours to find k distinct.
         neighbours = min(self.index.ntotal, max(k * 20, 50))
-        scores, positions = self.index.search(queries, neighbours)
+        if self.info.get("embedding") == "bayes":
+            searched = queries.copy()
+            searched[:, -1] = 1.0  # picks up each gallery face's bias
+            scores, positions = self.index.search(searched, neighbours)
+            scores = scores + queries[:, -1:]  # the query's own bias
+        else:
+            scores, positions = self.index.search(queries, neighbours)
         identities = self.labels["identity"].to_numpy()
         paths = self.labels["path"].to_numpy()
         results = []
@@ -169,15 +180,21 @@ def run(params: IndexParams, embeddings_dir: Path, aligned_dir: Path, out_dir: P
             "path": manifest["path"].to_numpy()[rows],
         }
     )
+    joint_bayesian = embed_info["primary"] == "bayes"
     if params.gallery == "identity":
-        vectors, labels = identity_gallery(vectors, labels)
+        if joint_bayesian:  # average the vectors the model maps, then map the means
+            inputs = load_embeddings(embeddings_dir, variant=embed_info["bayes_input"])[0]
+            means, labels = identity_gallery(inputs, labels)
+            vectors = bayes.BayesModel.load(Path(embeddings_dir) / "group-0" / BAYES_FILE).vectors(means)
+        else:
+            vectors, labels = identity_gallery(vectors, labels)
     started = time.perf_counter()
     index = build_index(vectors, params)
     seconds = time.perf_counter() - started
     info = {
         "type": params.type,
         "gallery": params.gallery,
-        "metric": "inner_product",
+        "metric": "joint_bayesian" if joint_bayesian else "inner_product",
         "dimension": int(vectors.shape[1]),
         "count": int(index.ntotal),
         "identities": int(labels["identity"].nunique()),
@@ -189,11 +206,15 @@ def run(params: IndexParams, embeddings_dir: Path, aligned_dir: Path, out_dir: P
         "backbone": embed_info.get("backbone"),
         "flip": embed_info.get("network", embed_info["primary"]) == "flip",
         "embedding": embed_info["primary"],
+        "bayes_input": embed_info.get("bayes_input"),
     }
     with atomic_path(out_dir, directory=True) as temp:
         faiss.write_index(index, str(temp / INDEX_FILE))
-        if embed_info["primary"] == "fused":  # queries need the same texture projection and weights
+        # queries need the same texture projection and weights, and the same Joint Bayesian model
+        if "fused" in (embed_info["primary"], embed_info.get("bayes_input")):
             shutil.copyfile(Path(embeddings_dir) / "group-0" / TEXTURE_FILE, temp / TEXTURE_FILE)
+        if joint_bayesian:
+            shutil.copyfile(Path(embeddings_dir) / "group-0" / BAYES_FILE, temp / BAYES_FILE)
         labels.to_parquet(temp / LABELS_FILE, index=False)
         write_json(temp / INFO_FILE, info)
     logger.info(

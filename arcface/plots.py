@@ -33,15 +33,26 @@ def roc(curves: Mapping[str, pd.DataFrame], title: str, path: Path) -> None:
     figure.savefig(path, format="png")
 
 
-def score_histogram(scores: np.ndarray, same: np.ndarray, threshold: float, path: Path) -> None:
-    """Cosine of matched vs mismatched pairs, with the chosen threshold."""
+def score_histogram(
+    scores: np.ndarray,
+    same: np.ndarray,
+    threshold: float,
+    path: Path,
+    label: str = "cosine similarity",
+    bounds: tuple[float, float] | None = (-1.0, 1.0),
+) -> None:
+    """Scores of matched vs mismatched pairs, with the chosen threshold (bins over `bounds`, or over the
+    scores' own range when None: Joint Bayesian scores are unbounded)."""
     figure = Figure(figsize=(5.5, 4.2), dpi=120)
     axis = figure.subplots()
-    bins = np.linspace(-1, 1, 61)
+    if bounds is None:
+        finite = scores[np.isfinite(scores)]
+        bounds = (float(finite.min(initial=-1.0)), float(finite.max(initial=1.0)))
+    bins = np.linspace(bounds[0], bounds[1], 61)
     axis.hist(scores[same], bins=bins, alpha=0.6, label="same person")
     axis.hist(scores[~same], bins=bins, alpha=0.6, label="different people")
     axis.axvline(threshold, color="k", ls="--", label=f"threshold {threshold:.3f}")
-    axis.set_xlabel("cosine similarity")
+    axis.set_xlabel(label)
     axis.set_ylabel("pairs")
     axis.legend()
     figure.tight_layout()

@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from arcface import texture
+from arcface import bayes, texture
 from arcface.config import AlignParams, EmbedParams, Params, load_params
 from arcface.data.align import FaceAligner
 from arcface.data.images import ImageReadError, load_rgb
 from arcface.device import autocast_dtype, resolve_device
-from arcface.embed import TEXTURE_FILE, embed_faces
+from arcface.embed import BAYES_FILE, TEXTURE_FILE, embed_faces
 from arcface.files import read_json, sha256_file
 from arcface.index import FaceIndex, IndexMismatchError, Match, load_index
 from arcface.layout import Layout
@@ -33,7 +33,7 @@ class SearchResult:
     status: str  # ok | no_face | error
     reason: str = ""
     matches: list[Match] = field(default_factory=list)
-    threshold: float | None = None  # the evaluation's cosine threshold; None: no open-set decision
+    threshold: float | None = None  # the evaluation's score threshold; None: no open-set decision
 
     @property
     def identity(self) -> str | None:
@@ -53,11 +53,11 @@ class QueryFace:
     image: np.ndarray | None = None  # (H, W, 3) uint8
     face: np.ndarray | None = None  # (112, 112, 3) uint8, aligned
     box: tuple[float, float, float, float] | None = None  # x1, y1, x2, y2 in the image
-    vector: np.ndarray | None = None  # (D,) unit vector
+    vector: np.ndarray | None = None  # (D,) unit vector, or a Joint Bayesian vector
 
 
 def threshold_from_metrics(path: Path) -> float | None:
-    """The cosine threshold the evaluate stage chose (metrics.json), or None when there is none yet."""
+    """The score threshold the evaluate stage chose (metrics.json), or None when there is none yet."""
     path = Path(path)
     if not path.exists():
         logger.warning("%s not found: no `unknown` decisions (run evaluate, or pass a threshold)", path)
@@ -88,16 +88,21 @@ class FaceSearcher:
         device = resolve_device(embed.device)
         self.model, payload = load_backbone(checkpoint, device)
         self.texture: texture.TextureModel | None = None
+        self.bayes: bayes.BayesModel | None = None
         dimension = payload["train_params"]["embedding_size"]
-        if self.index.info.get("embedding") == "fused":  # the index holds network + texture vectors
-            fitted = Path(index_dir) / TEXTURE_FILE
-            if not fitted.exists():
-                raise FileNotFoundError(
-                    f"{fitted}: not found, but {index_dir} holds fused (network + texture) vectors; "
-                    "rebuild the index (embed, index)"
-                )
+        embedding = self.index.info.get("embedding")
+        if "fused" in (embedding, self.index.info.get("bayes_input")):  # network + texture vectors
+            fitted = _fitted_file(index_dir, TEXTURE_FILE, "fused (network + texture) vectors")
             self.texture = texture.TextureModel.load(fitted)
             dimension += self.texture.projection.shape[1]
+        if embedding == "bayes":
+            self.bayes = bayes.BayesModel.load(_fitted_file(index_dir, BAYES_FILE, "Joint Bayesian vectors"))
+            if self.bayes.mean.shape[0] != dimension:
+                raise IndexMismatchError(
+                    f"{Path(index_dir) / BAYES_FILE} maps {self.bayes.mean.shape[0]}-d vectors but "
+                    f"{checkpoint} (with the index's texture view) embeds into {dimension}"
+                )
+            dimension = self.bayes.cross.shape[1] + 1
         if dimension != self.index.index.d:
             raise IndexMismatchError(
                 f"{checkpoint} embeds into {dimension} dimensions but {index_dir} holds {self.index.index.d}"
@@ -121,6 +126,8 @@ class FaceSearcher:
         vector = embed_faces(self.model, face[None], flip=self.flip, amp=self.amp)
         if self.texture is not None:
             vector = self.texture.fuse(vector, self.texture.project(texture.descriptors(face[None])))
+        if self.bayes is not None:
+            vector = self.bayes.vectors(vector)
         vector = vector[0]
         return QueryFace("ok", detection.reason, image, face, detection.box, vector)
 
@@ -130,6 +137,12 @@ class FaceSearcher:
         if query.status != "ok":
             return SearchResult(photo, query.status, query.reason)
         return SearchResult(photo, "ok", query.reason, self.matches(query, k), self.threshold)
+
+    def pair_score(self, first: np.ndarray, second: np.ndarray) -> float:
+        """The verification score of two embedded faces, as the index and the evaluation score it."""
+        if self.bayes is not None:
+            return float(bayes.pair_scores(first[None], second[None])[0])
+        return float(np.dot(first, second))
 
     def matches(self, query: QueryFace, k: int) -> list[Match]:
         """The top-k identities for an embedded face."""
@@ -155,3 +168,13 @@ def search_photos(
     threshold = threshold_from_metrics(metrics)
     searcher = FaceSearcher(checkpoint, index_dir, params.align, params.embed, threshold)
     return searcher.search_many(photos, k or params.index.k)
+
+
+def _fitted_file(index_dir: Path, name: str, holds: str) -> Path:
+    """A model file the index stage copied beside the index (queries are embedded with it)."""
+    fitted = Path(index_dir) / name
+    if not fitted.exists():
+        raise FileNotFoundError(
+            f"{fitted}: not found, but {index_dir} holds {holds}; rebuild the index (embed, index)"
+        )
+    return fitted

@@ -35,6 +35,7 @@ IMAGE_SIGNATURES = {
     b"BM": "BMP",
 }
 PAGE = Path(__file__).with_name("search_page.html")
+SCORE_NAMES = {"inner_product": "cosine", "joint_bayesian": "Joint Bayesian score"}  # index.json's metric
 
 
 @dataclass(frozen=True)
@@ -142,15 +143,15 @@ class SearchService:
         ]
         answer: dict[str, Any] = {
             "faces": faces,
-            "cosine": None,
+            "score": None,
             "same": None,
             "threshold": self.searcher.threshold,
         }
         if all(q.status == "ok" for q in queries):
-            cosine = float(np.dot(queries[0].vector, queries[1].vector))
-            answer["cosine"] = round(cosine, 4)
+            score = self.searcher.pair_score(queries[0].vector, queries[1].vector)
+            answer["score"] = round(score, 4)
             if self.searcher.threshold is not None:
-                answer["same"] = cosine >= self.searcher.threshold
+                answer["same"] = score >= self.searcher.threshold
         return answer
 
 
@@ -229,6 +230,7 @@ def workspace_about(index_info: dict[str, Any], checkpoint: Path, reports: Path)
         "gallery_size": index_info.get("count"),
         "identities": index_info.get("identities"),
         "index_built_at": index_info.get("built_at"),
+        "score_name": SCORE_NAMES.get(index_info.get("metric", "inner_product"), "score"),
         "threshold": metrics.get("threshold"),
         "accuracy": metrics.get("accuracy_mean"),
         "protocol": metrics.get("protocol"),

@@ -86,35 +86,35 @@ def test_texture_and_bayes_make_variants_that_evaluate_scores(
     write_json(trained / "group-0" / "split.json", {"identities": people})
     params = EmbedParams(device="cpu", texture=True, bayes=True, bayes_dims=16)
     result = run(params, aligned_tiny, trained, tmp_path / "emb")
-    fused, rows, info = load_embeddings(tmp_path / "emb")
+    bayes_vectors, rows, info = load_embeddings(tmp_path / "emb")
+    fused, _, _ = load_embeddings(tmp_path / "emb", variant="fused")
     network, _, _ = load_embeddings(tmp_path / "emb", variant="flip")
     textures, _, _ = load_embeddings(tmp_path / "emb", variant="texture")
-    assert info["primary"] == "fused"
+    assert info["primary"] == "bayes" and info["bayes_input"] == "fused"
     assert info["variants"] == ["flip", "plain", "texture", "fused", "bayes"]
     assert textures.shape == (80, len(people) - 1)  # LDA: one direction fewer than the people
-    assert result.dimension == fused.shape[1] == 64 + len(people) - 1
+    assert fused.shape[1] == 64 + len(people) - 1
     model = texture.TextureModel.load(tmp_path / "emb" / "group-0" / "texture.npz")
     assert np.allclose(fused, model.fuse(network, textures), atol=1e-6)
     assert 0 < model.texture_spread < 1 and 0 < model.network_spread < 1
-    # the Joint Bayesian model works on the primary (fused) vectors, in 16 PCA dimensions + a bias
-    bayes_vectors, _, _ = load_embeddings(tmp_path / "emb", variant="bayes")
+    # the Joint Bayesian model maps the fused vectors, in 16 PCA dimensions + a bias
     bayes_model = bayes.BayesModel.load(tmp_path / "emb" / "group-0" / "bayes.npz")
-    assert bayes_vectors.shape == (80, 17)
+    assert result.dimension == 17 and bayes_vectors.shape == (80, 17)
     assert np.allclose(bayes_vectors, bayes_model.vectors(fused), atol=1e-5)
     # a store too large to describe at once is projected chunk by chunk, to the same vectors
     monkeypatch.setattr(texture, "MEMORY_FACES", 10)
     run(EmbedParams(device="cpu", texture=True), aligned_tiny, trained, tmp_path / "chunked")
-    assert np.allclose(load_embeddings(tmp_path / "chunked")[0], fused, atol=1e-5)
+    assert np.allclose(load_embeddings(tmp_path / "chunked", variant="fused")[0], fused, atol=1e-5)
     protocols = tmp_path / "protocols"
     protocols.mkdir()
     lines = SAMPLE_PAIRS.read_text().splitlines()
     (protocols / "pairs.txt").write_text("2\t10\n" + "\n".join(lines[1:41]) + "\n")
     report = evaluate(EvaluateParams(), protocols, aligned_tiny, tmp_path / "emb", tmp_path / "reports")
     metrics = read_json(tmp_path / "reports" / "metrics.json")
-    assert metrics["embedding"] == "fused" and metrics["accuracy_mean"] == report.accuracy_mean
-    assert {"with_flip", "with_plain", "with_texture", "with_bayes"} <= set(metrics)
+    assert metrics["embedding"] == "bayes" and metrics["accuracy_mean"] == report.accuracy_mean
+    assert {"with_flip", "with_plain", "with_texture", "with_fused"} <= set(metrics)
     assert metrics["with_texture"]["accuracy_mean"] != metrics["with_flip"]["accuracy_mean"]
-    # evaluate scores the bayes variant by the log-likelihood ratio, not by a cosine
+    # evaluate scores the bayes (primary) variant by the log-likelihood ratio, not by a cosine
     scores = pd.read_csv(tmp_path / "reports" / "scores.csv")
     position = {path: i for i, path in enumerate(manifest["path"].to_numpy()[rows])}
     first = bayes_vectors[scores["path1"].map(position).to_numpy()]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
+from arcface import bayes
 from arcface.identification import combine, format_summary, identify, split_gallery
 
 
@@ -40,7 +43,18 @@ def test_hand_worked_ranks_and_open_set_detection() -> None:
     assert "rank-1 66.67%, rank-5 100.00%" in format_summary(summary)
 
 
-def brute_force(vectors: np.ndarray, names: np.ndarray, far: float) -> tuple[float, float, float]:
+def cosine(first: np.ndarray, second: np.ndarray) -> float:
+    return float(first.astype(np.float64) @ second.astype(np.float64))
+
+
+def joint_bayesian(first: np.ndarray, second: np.ndarray) -> float:
+    """The Bayes vectors' score written out: inner parts, plus both biases."""
+    return cosine(first[:-1], second[:-1]) + float(first[-1]) + float(second[-1])
+
+
+def brute_force(
+    vectors: np.ndarray, names: np.ndarray, far: float, score: Callable = cosine
+) -> tuple[float, float, float]:
     """The same experiment, one probe at a time, with the definitions written out plainly."""
     gallery_names, gallery_vectors = [], []
     for i, name in enumerate(names):
@@ -51,8 +65,7 @@ def brute_force(vectors: np.ndarray, names: np.ndarray, far: float) -> tuple[flo
     seen: set[str] = set()
     ranks, mated_best, impostor_best = [], [], []
     for i, name in enumerate(names):
-        probe = vectors[i].astype(np.float64)
-        scores = {g: float(probe @ v) for g, v in zip(gallery_names, gallery_vectors, strict=True)}
+        scores = {g: score(vectors[i], v) for g, v in zip(gallery_names, gallery_vectors, strict=True)}
         if name not in enrolled:
             impostor_best.append(max(scores.values()))
         elif name in seen:
@@ -66,7 +79,8 @@ def brute_force(vectors: np.ndarray, names: np.ndarray, far: float) -> tuple[flo
     return np.mean(np.array(ranks) <= 1), np.mean(np.array(ranks) <= 5), detected / len(ranks)
 
 
-def test_matches_a_brute_force_reference_on_clustered_faces() -> None:
+@pytest.mark.parametrize("scoring", ["cosine", "joint_bayesian"])
+def test_matches_a_brute_force_reference_on_clustered_faces(scoring: str) -> None:
     rng = np.random.default_rng(3)
     counts = rng.integers(1, 5, size=120)  # about a quarter of the identities have one face
     names = np.repeat([f"id{i:03d}" for i in range(120)], counts)
@@ -75,8 +89,12 @@ def test_matches_a_brute_force_reference_on_clustered_faces() -> None:
     vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
     order = rng.permutation(len(names))
     vectors, names = vectors[order], names[order]
-    result = identify(vectors, names, far_targets=(0.1,))
-    rank1, rank5, dir_at = brute_force(vectors, names, 0.1)
+    score = cosine
+    if scoring == "joint_bayesian":  # Bayes vectors of a model fit on the same faces
+        vectors = bayes.fit(vectors, names, dims=16, shrink=0.1).vectors(vectors)
+        score = joint_bayesian
+    result = identify(vectors, names, far_targets=(0.1,), joint_bayesian=scoring == "joint_bayesian")
+    rank1, rank5, dir_at = brute_force(vectors, names, 0.1, score)
     summary = result.summary()
     assert 0.2 < rank1 < rank5 < 1.0  # a non-trivial case
     assert summary["rank1"] == pytest.approx(rank1, abs=1e-12)

@@ -18,9 +18,10 @@ from conftest import make_workspace, tiny_params
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from arcface import cli
+from arcface import bayes, cli, index
 from arcface.config import load_params
 from arcface.files import read_json
+from arcface.search import QueryFace
 from arcface.search_app import SearchService, UploadLimits, create_app, image_type, load_service
 
 LIMITS = UploadLimits(max_bytes=400_000, max_files=6, max_pixels=4_000_000)
@@ -67,6 +68,13 @@ def gallery_photo(workspace: Path) -> tuple[Path, str]:
     return workspace / "data/raw/images" / manifest["path"].iloc[0], manifest["identity"].iloc[0]
 
 
+def self_score(workspace: Path, photo: Path) -> float:
+    """The Joint Bayesian score of a photo's face paired with itself."""
+    searcher = service_of(workspace).searcher
+    vector = searcher.read_face(photo).vector
+    return searcher.pair_score(vector, vector)
+
+
 def png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
@@ -104,9 +112,13 @@ def test_search_answers_good_photos_and_explains_bad_ones(client: TestClient, wo
     assert response.status_code == 200
     face, blank, broken, notes, huge, wide = response.json()["results"]
     assert face["status"] == "ok" and face["identity"] == identity
-    assert face["matches"][0]["identity"] == identity and face["matches"][0]["score"] == pytest.approx(
-        1, abs=1e-3
+    # the index holds Joint Bayesian vectors (params.yaml's embed.bayes): the photo's own face scores as
+    # the pair (photo, itself), far above the evaluation's threshold
+    top = face["matches"][0]
+    assert top["identity"] == identity and top["score"] == pytest.approx(
+        self_score(workspace, photo), rel=1e-3
     )
+    assert top["score"] > read_json(workspace / "reports/metrics.json")["threshold"] + 1
     assert len(face["matches"]) == 3 and face["matches"][0]["face"].startswith("data:image/png;base64,")
     assert face["photo"].startswith("data:image/jpeg;base64,") and len(face["box"]) == 4
     aligned = Image.open(io.BytesIO(base64.b64decode(face["face"].split(",", 1)[1])))
@@ -132,9 +144,9 @@ def test_a_photo_with_several_faces_uses_one_and_says_so(client: TestClient, wor
     assert int(result["reason"].split()[0]) >= 2 and result["box"] is not None
 
 
-def test_a_threshold_above_every_cosine_answers_unknown(workspace: Path) -> None:
+def test_a_threshold_above_every_score_answers_unknown(workspace: Path) -> None:
     strict = service_of(workspace)
-    strict.searcher.threshold = 1.5
+    strict.searcher.threshold = self_score(workspace, gallery_photo(workspace)[0]) + 0.01
     photo, identity = gallery_photo(workspace)
     answer = strict.search("face.jpg", photo.read_bytes(), 2)
     assert answer["identity"] == "unknown" and answer["matches"][0]["identity"] == identity
@@ -153,31 +165,52 @@ def test_verify_compares_two_photos(client: TestClient, workspace: Path) -> None
     photo, _ = gallery_photo(workspace)
     good = photo.read_bytes()
     same = client.post("/verify", files={"first": ("a.jpg", good), "second": ("b.jpg", good)}).json()
-    assert same["cosine"] == pytest.approx(1.0, abs=1e-3) and same["same"] is True
+    assert same["score"] == pytest.approx(self_score(workspace, photo), rel=1e-3) and same["same"] is True
     assert all(face["face"].startswith("data:image/png") for face in same["faces"])
     blank = png(np.full((200, 200, 3), 90, np.uint8))
     half = client.post("/verify", files={"first": ("a.jpg", good), "second": ("blank.png", blank)}).json()
-    assert half["cosine"] is None and half["faces"][1]["reason"] == "blank.png: no face found"
+    assert half["score"] is None and half["faces"][1]["reason"] == "blank.png: no face found"
 
 
-def test_search_with_and_without_the_texture_view(workspace: Path, tmp_path: Path) -> None:
-    """params.yaml fuses the texture view (embed.texture): the index holds network + texture vectors and
-    queries are embedded the same way; without it the network's vectors alone are indexed and searched."""
+def test_search_with_and_without_the_texture_view_and_the_bayes_model(
+    workspace: Path, tmp_path: Path
+) -> None:
+    """params.yaml fuses the texture view and scores by a Joint Bayesian model (embed.texture, embed.bayes):
+    the index holds the fused vectors' Bayes vectors and queries are embedded the same way; without both,
+    the network's vectors alone are indexed and searched by cosine."""
     plain = tmp_path / "ws"
     shutil.copytree(workspace, plain, symlinks=True)
+    overrides = ["embed.texture=false", "embed.bayes=false"]
     before = Path.cwd()
     os.chdir(plain)
     try:
         for stage in ("embed", "index", "evaluate"):
-            assert cli.main([stage, "--set", "embed.texture=false"]) == 0, stage
+            assert cli.main([stage, *(f"--set={o}" for o in overrides)]) == 0, stage
     finally:
         os.chdir(before)
-    fused_info, plain_info = (read_json(ws / "data/index/index.json") for ws in (workspace, plain))
-    assert (fused_info["embedding"], plain_info["embedding"]) == ("fused", "flip")
+    bayes_info, plain_info = (read_json(ws / "data/index/index.json") for ws in (workspace, plain))
+    assert (bayes_info["embedding"], bayes_info["bayes_input"], bayes_info["metric"]) == (
+        "bayes",
+        "fused",
+        "joint_bayesian",
+    )
+    assert (plain_info["embedding"], plain_info["metric"]) == ("flip", "inner_product")
+    bayes_model = bayes.BayesModel.load(workspace / "data/index/bayes.npz")
     people = len(read_json(workspace / "models/group-0/split.json")["identities"])
-    assert fused_info["dimension"] == plain_info["dimension"] + people - 1  # + the LDA directions
+    assert bayes_model.mean.shape[0] == plain_info["dimension"] + people - 1  # fused: + LDA directions
+    assert bayes_info["dimension"] == bayes_model.cross.shape[1] + 1
+    # the index ranks as the evaluation scores: the best match is the best Joint Bayesian score
+    service = service_of(workspace)
+    photo, identity = gallery_photo(workspace)
+    query = service.searcher.read_face(photo).vector
+    gallery = np.load(workspace / "data/embeddings/group-0/bayes.npy")
+    scores = bayes.scores_against(query[None], gallery)[0]
+    (top,) = service.searcher.matches(QueryFace("ok", vector=query), 1)
+    assert top.score == pytest.approx(scores.max(), rel=1e-4)
+    labels = pd.read_parquet(workspace / "data/index/labels.parquet")
+    assert top.identity == labels["identity"].iloc[int(scores.argmax())] == identity
     service = load_service(
-        load_params(plain / "params.yaml", ["embed.texture=false"]),
+        load_params(plain / "params.yaml", overrides),
         plain / "models/group-0/checkpoint.pt",
         plain / "data/index",
         plain / "data/aligned",
@@ -187,17 +220,41 @@ def test_search_with_and_without_the_texture_view(workspace: Path, tmp_path: Pat
     answer = service.search("face.jpg", photo.read_bytes(), 2)
     assert answer["identity"] == identity
     assert answer["matches"][0]["score"] == pytest.approx(1, abs=1e-3)
-    assert service.searcher.texture is None
+    assert service.searcher.texture is None and service.searcher.bayes is None
     assert service.searcher.threshold == read_json(plain / "reports/metrics.json")["threshold"]
 
 
-def test_a_fused_index_without_its_texture_model_is_refused(workspace: Path, tmp_path: Path) -> None:
-    index = tmp_path / "index"
-    shutil.copytree(workspace / "data/index", index)
-    (index / "texture.npz").unlink()
-    with pytest.raises(FileNotFoundError, match=r"index/texture.npz: not found, but .* holds fused"):
-        service_of_index(workspace, index)
-    assert (index / "faces.faiss").exists() and (workspace / "data/index/texture.npz").exists()
+def test_an_identity_gallery_of_bayes_vectors_maps_each_persons_mean(workspace: Path, tmp_path: Path) -> None:
+    """index.gallery=identity with Joint Bayesian vectors: the fused vectors are averaged per person,
+    re-normalized, then mapped by the model (not the Bayes vectors averaged)."""
+    params = load_params(workspace / "params.yaml", ["index.gallery=identity"])
+    built = index.run(
+        params.index, workspace / "data/embeddings", workspace / "data/aligned", tmp_path / "ix"
+    )
+    fused = np.load(workspace / "data/embeddings/group-0/fused.npy")
+    rows = np.load(workspace / "data/embeddings/group-0/rows.npy")
+    manifest = pd.read_parquet(workspace / "data/aligned/manifest.parquet")
+    labels = pd.DataFrame({"row": rows, "identity": manifest["identity"].to_numpy()[rows], "path": "x"})
+    means, table = index.identity_gallery(fused, labels)
+    model = bayes.BayesModel.load(tmp_path / "ix" / "bayes.npz")
+    stored = built.index.reconstruct_n(0, built.index.ntotal)
+    assert built.labels["identity"].tolist() == table["identity"].tolist()
+    assert np.allclose(stored, model.vectors(means), atol=1e-5)
+    assert built.info["count"] == manifest["identity"].nunique()
+
+
+@pytest.mark.parametrize(
+    ("missing", "holds"), [("texture.npz", "fused"), ("bayes.npz", "Joint Bayesian vectors")]
+)
+def test_an_index_without_its_query_models_is_refused(
+    workspace: Path, tmp_path: Path, missing: str, holds: str
+) -> None:
+    copied = tmp_path / "index"
+    shutil.copytree(workspace / "data/index", copied)
+    (copied / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"index/{missing}: not found, but .* holds {holds}"):
+        service_of_index(workspace, copied)
+    assert (copied / "faces.faiss").exists() and (workspace / "data/index" / missing).exists()
 
 
 def free_port() -> int:
