@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from conftest import ROOT, make_workspace, tiny_params
 
-from arcface import cli
+from arcface import bayes, cli
 from arcface.data.lfw import read_pairs
 from arcface.files import read_json
 
@@ -52,11 +52,15 @@ def test_cli_stages_end_to_end_with_mlflow(
     metrics = read_json(workspace / "reports/metrics.json")
     assert metrics["pairs"] == 40 and len(metrics["folds"]) == 2 and metrics["groups"] == 1
     assert {"accuracy_mean", "auc", "eer", "tar_at_far_0.001", "tar_at_far_0.01"} <= set(metrics)
-    # params.yaml fuses the texture view; the network's embeddings are still reported on their own
-    assert metrics["embedding"] == "fused"
-    assert all(0 <= metrics[f"with_{v}"]["accuracy_mean"] <= 1 for v in ("flip", "plain", "texture"))
+    # params.yaml fuses the texture view and scores by a Joint Bayesian model of the fused vectors; the
+    # other variants are still reported on their own
+    assert metrics["embedding"] == "bayes"
+    variants = ("flip", "plain", "texture", "fused")
+    assert all(0 <= metrics[f"with_{v}"]["accuracy_mean"] <= 1 for v in variants)
     fused = np.load(workspace / "data/embeddings/group-0/fused.npy")
     assert fused.shape == (80, 512 + 9)  # + LDA directions: one fewer than the 10 training people
+    # PCA to at most the 40 training faces less one, plus the bias column
+    assert np.load(workspace / "data/embeddings/group-0/bayes.npy").shape == (80, 39 + 1)
     assert 0.0 <= metrics["accuracy_mean"] <= 1.0 and 0.0 <= metrics["auc"] <= 1.0
     roc = pd.read_csv(workspace / "reports/roc.csv")
     assert roc["fpr"].iloc[-1] == 1.0 and roc["tpr"].iloc[-1] == 1.0
@@ -110,17 +114,20 @@ def test_cli_stages_end_to_end_with_mlflow(
     assert run_cli("search", str(photo), str(blank), str(corrupt), "--k", "3") == 1
     out = capsys.readouterr()
     lines = out.out.splitlines()
-    assert lines[0].startswith(f"(unknown below cosine {metrics['threshold']:.4f}")
+    assert lines[0].startswith(f"(unknown below Joint Bayesian score {metrics['threshold']:.4f}")
     assert lines[1] == f"{photo}: {manifest['identity'].iloc[0]}"
     best = lines[2].split()
-    assert best[1] == manifest["identity"].iloc[0] and float(best[2]) == pytest.approx(1.0, abs=1e-3)
+    # the photo's own gallery face: the score of that face's Joint Bayesian vector paired with itself
+    own = np.load(workspace / "data/embeddings/group-0/bayes.npy")[:1]
+    assert best[1] == manifest["identity"].iloc[0]
+    assert float(best[2]) == pytest.approx(bayes.pair_scores(own, own)[0], rel=1e-2)
     assert f"{blank}: no_face: no face found" in out.out
     assert f"{corrupt}: error:" in out.out and "corrupt.jpg" in out.out
     assert "2 of 3 photos could not be answered" in out.err
 
-    # A threshold above every cosine makes the same photo `unknown`; a folder writes a CSV.
+    # A threshold above every score makes the same photo `unknown`; a folder writes a CSV.
     folder = workspace / "data/raw/images" / manifest["identity"].iloc[0]
-    assert run_cli("search", str(folder), "--threshold", "1.01", "--csv", "answers.csv") == 0
+    assert run_cli("search", str(folder), "--threshold", "1e6", "--csv", "answers.csv") == 0
     answers = pd.read_csv(workspace / "answers.csv")
     assert set(answers["verdict"]) == {"unknown"} and (answers["rank"] == 1).sum() == len(
         list(folder.iterdir())
