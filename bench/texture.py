@@ -1,4 +1,5 @@
-"""What the texture view costs the embed stage, against the network's own embedding, one run.
+"""What the texture view and the Joint Bayesian model cost the embed stage, against the network's own
+embedding, one run.
 
     python bench/texture.py [--faces 7000] [--backbone resnet18-fast] [--json out.json]
 
@@ -10,6 +11,8 @@ network      the embed stage's network pass: an untrained backbone (the speed do
 texture      LBP descriptors of every face and its mirror (`arcface.texture.descriptors`)
 fit          PCA 800 + LDA 400 on those descriptors, the sample's people as classes
 project      texture vectors of every face from the descriptors, then the fusion
+bayes fit    the Joint Bayesian model of the fused vectors (PCA 384, shrinkage 0.1, as params.yaml)
+bayes map    every face's Joint Bayesian vector
 
 faces/s is per face; ratio is each row's time over the network row's (the baseline).
 """
@@ -27,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from arcface import texture
+from arcface import bayes, texture
 from arcface.config import AlignParams
 from arcface.data import align, store
 from arcface.device import autocast_dtype
@@ -68,12 +71,16 @@ def main() -> None:
     network, network_s = timed(lambda: embed_faces(model, faces, 128, flip=True, amp=amp))
     described, texture_s = timed(lambda: texture.descriptors(faces))
     fitted, fit_s = timed(lambda: texture.fit(described, names, 800, 400))
-    _, project_s = timed(lambda: fitted.fuse(network, fitted.project(described)))
+    fused, project_s = timed(lambda: fitted.fuse(network, fitted.project(described)))
+    joint, bayes_fit_s = timed(lambda: bayes.fit(fused, names, 384, 0.1))
+    _, bayes_map_s = timed(lambda: joint.vectors(fused))
     rows = [
         {"step": "network (baseline)", "seconds": network_s},
         {"step": "texture descriptors", "seconds": texture_s},
         {"step": "fit PCA + LDA", "seconds": fit_s},
         {"step": "project + fuse", "seconds": project_s},
+        {"step": "fit Joint Bayesian", "seconds": bayes_fit_s},
+        {"step": "Joint Bayesian vectors", "seconds": bayes_map_s},
     ]
     print(f"{len(faces)} faces, {torch.get_num_threads()} threads, network {args.backbone} (amp {amp})")
     print(f"{'step':<22}{'seconds':>10}{'faces/s':>10}{'ratio':>8}")

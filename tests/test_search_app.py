@@ -21,6 +21,7 @@ from PIL import Image
 from arcface import bayes, cli, index
 from arcface.config import load_params
 from arcface.files import read_json
+from arcface.index import IndexMismatchError
 from arcface.search import QueryFace
 from arcface.search_app import SearchService, UploadLimits, create_app, image_type, load_service
 
@@ -255,6 +256,18 @@ def test_an_index_without_its_query_models_is_refused(
     with pytest.raises(FileNotFoundError, match=rf"index/{missing}: not found, but .* holds {holds}"):
         service_of_index(workspace, copied)
     assert (copied / "faces.faiss").exists() and (workspace / "data/index" / missing).exists()
+
+
+def test_a_bayes_model_of_other_vectors_is_refused(workspace: Path, tmp_path: Path) -> None:
+    copied = tmp_path / "index"
+    shutil.copytree(workspace / "data/index", copied)
+    original = bayes.BayesModel.load(copied / "bayes.npz")
+    size = original.mean.shape[0]
+    other = bayes.from_covariances(np.eye(size - 1), np.eye(size - 1))  # fits vectors one shorter
+    other.save(copied / "bayes.npz")
+    with pytest.raises(IndexMismatchError, match=rf"bayes.npz maps {size - 1}-d vectors but .* into {size}"):
+        service_of_index(workspace, copied)
+    assert bayes.BayesModel.load(workspace / "data/index/bayes.npz").mean.shape[0] == size
 
 
 def free_port() -> int:
