@@ -84,15 +84,13 @@ def matrices(between: np.ndarray, within: np.ndarray) -> tuple[np.ndarray, np.nd
     return (quadratic + quadratic.T) / 2, (cross + cross.T) / 2
 
 
-def from_covariances(between: np.ndarray, within: np.ndarray, mean: np.ndarray | None = None) -> BayesModel:
+def from_covariances(between: np.ndarray, within: np.ndarray) -> BayesModel:
     """A model of known covariances in the inputs' own coordinates (no PCA, no standardizing)."""
     quadratic, cross = matrices(between, within)
     values, axes = np.linalg.eigh(-cross)  # −G is positive semi-definite
     factor = axes * np.sqrt(np.clip(values, 0.0, None))
     size = len(between)
-    return BayesModel(
-        np.zeros(size) if mean is None else mean, np.eye(size), factor * np.sqrt(2.0), quadratic
-    )
+    return BayesModel(np.zeros(size), np.eye(size), factor * np.sqrt(2.0), quadratic)
 
 
 def fit(inputs: np.ndarray, labels: np.ndarray, dims: int, shrink: float, seed: int = 0) -> BayesModel:

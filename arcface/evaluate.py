@@ -246,7 +246,7 @@ def pair_rows(
     return rows[0], rows[1], unscorable
 
 
-def cosine_of_pairs(
+def scores_of_pairs(
     embeddings: np.ndarray,
     embedding_rows: np.ndarray,
     rows1: np.ndarray,
@@ -357,11 +357,11 @@ def _score(
     for group in range(protocol.groups):
         vectors, embedding_rows, _ = load_embeddings(embeddings_dir, group=group, variant=variant)
         mine = groups == group
-        scores[mine] = cosine_of_pairs(vectors, embedding_rows, rows1[mine], rows2[mine], joint_bayesian)
+        scores[mine] = scores_of_pairs(vectors, embedding_rows, rows1[mine], rows2[mine], joint_bayesian)
     threshold_scores = None
     if threshold_rows is not None:  # view1: one model
         vectors, embedding_rows, _ = load_embeddings(embeddings_dir, group=0, variant=variant)
-        threshold_scores = cosine_of_pairs(
+        threshold_scores = scores_of_pairs(
             vectors, embedding_rows, threshold_rows[0], threshold_rows[1], joint_bayesian
         )
     return _Scored(scores, threshold_scores)

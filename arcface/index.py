@@ -26,7 +26,7 @@ import pandas as pd
 from arcface import bayes
 from arcface.config import IndexParams
 from arcface.data import store
-from arcface.embed import BAYES_FILE, TEXTURE_FILE, load_embeddings
+from arcface.embed import BAYES_FILE, SCORED_BY_BAYES, TEXTURE_FILE, load_embeddings
 from arcface.files import atomic_path, read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class FaceIndex:
             )
         # An identity can hold many of the nearest faces; fetch enough neighbours to find k distinct.
         neighbours = min(self.index.ntotal, max(k * 20, 50))
-        if self.info.get("embedding") == "bayes":
+        if self.info.get("embedding") in SCORED_BY_BAYES:
             searched = queries.copy()
             searched[:, -1] = 1.0  # picks up each gallery face's bias
             scores, positions = self.index.search(searched, neighbours)
@@ -180,7 +180,7 @@ def run(params: IndexParams, embeddings_dir: Path, aligned_dir: Path, out_dir: P
             "path": manifest["path"].to_numpy()[rows],
         }
     )
-    joint_bayesian = embed_info["primary"] == "bayes"
+    joint_bayesian = embed_info["primary"] in SCORED_BY_BAYES
     if params.gallery == "identity":
         if joint_bayesian:  # average the vectors the model maps, then map the means
             inputs = load_embeddings(embeddings_dir, variant=embed_info["bayes_input"])[0]

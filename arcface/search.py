@@ -16,7 +16,7 @@ from arcface.config import AlignParams, EmbedParams, Params, load_params
 from arcface.data.align import FaceAligner
 from arcface.data.images import ImageReadError, load_rgb
 from arcface.device import autocast_dtype, resolve_device
-from arcface.embed import BAYES_FILE, TEXTURE_FILE, embed_faces
+from arcface.embed import BAYES_FILE, SCORED_BY_BAYES, TEXTURE_FILE, embed_faces
 from arcface.files import read_json, sha256_file
 from arcface.index import FaceIndex, IndexMismatchError, Match, load_index
 from arcface.layout import Layout
@@ -95,7 +95,7 @@ class FaceSearcher:
             fitted = _fitted_file(index_dir, TEXTURE_FILE, "fused (network + texture) vectors")
             self.texture = texture.TextureModel.load(fitted)
             dimension += self.texture.projection.shape[1]
-        if embedding == "bayes":
+        if embedding in SCORED_BY_BAYES:
             self.bayes = bayes.BayesModel.load(_fitted_file(index_dir, BAYES_FILE, "Joint Bayesian vectors"))
             if self.bayes.mean.shape[0] != dimension:
                 raise IndexMismatchError(

@@ -18,10 +18,10 @@ from arcface.evaluate import (
     EvaluationError,
     accuracy_at,
     best_threshold,
-    cosine_of_pairs,
     pair_rows,
     roc_curve,
     roc_summary,
+    scores_of_pairs,
     verify,
 )
 from arcface.protocol import plan, read_pairs_csv, training_exclusions
@@ -165,7 +165,7 @@ def test_pair_scores_are_cosines_of_manifest_rows() -> None:
     table = pairs([("A/A_0001.jpg", "A/A_0002.jpg", True), ("A/A_0002.jpg", "B/B_0001.jpg", False)])
     rows1, rows2, unscorable = pair_rows(table, manifest(), Path("p.txt"))
     embeddings = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
-    scores = cosine_of_pairs(embeddings, np.array([0, 1, 2]), rows1, rows2)
+    scores = scores_of_pairs(embeddings, np.array([0, 1, 2]), rows1, rows2)
     assert scores == pytest.approx([0.6, 0.8])
     assert not unscorable.any()  # a fallback face is still a face
 
