@@ -66,6 +66,12 @@ def _train(args: argparse.Namespace) -> int:
             f"{result.split.num_classes} identities: loss {last.loss:.4f}, train accuracy "
             f"{last.accuracy:.3f} -> {result.checkpoint}"
         )
+        if result.companion_history:
+            last = result.companion_history[-1]
+            print(
+                f"  and its companion, {params.train.companion_params().backbone}: loss {last.loss:.4f}, "
+                f"train accuracy {last.accuracy:.3f} -> {result.companion_checkpoint}"
+            )
     return 0
 
 

@@ -154,12 +154,37 @@ class TrainParams(_Section):
     init_checkpoint: str | None = None  # backbone weights to start from (ours or a plain state_dict)
     resume: bool = True  # continue an interrupted run of the same data and params
     device: Device = "auto"
+    # A second trunk per group, trained after the first with these train values over this section's; embed
+    # joins the two trunks' vectors (an ensemble). Its time_budget_minutes counts both trunks together.
+    companion: dict[str, Any] = {}
 
     @model_validator(mode="after")
     def _one_epoch_shape(self) -> TrainParams:
         if self.identity_cap and self.class_balance:
             raise ValueError("identity_cap and class_balance both reshape the epochs: set one of them to 0")
+        self.companion_params()  # a wrong companion value is an error now, not after the first trunk
         return self
+
+    def without_companion(self) -> TrainParams:
+        """These settings for the first trunk alone."""
+        return self.model_copy(update={"companion": {}})
+
+    def companion_params(self) -> TrainParams | None:
+        """The second trunk's settings (None without one): `companion`'s values over this section's."""
+        if not self.companion:
+            return None
+        # Both trunks train on one split (embed fits the texture and Bayes models on it).
+        allowed = sorted(set(TrainParams.model_fields) - {"recipe", "companion", "min_images_per_identity"})
+        unknown = sorted(set(self.companion) - set(allowed))
+        if unknown:
+            raise ValueError(f"companion.{unknown[0]}: unknown train key (allowed: {', '.join(allowed)})")
+        settings = {**self.without_companion().model_dump(), **self.companion}
+        try:
+            return TrainParams.model_validate(settings)
+        except ValidationError as err:
+            first = err.errors()[0]
+            key = ".".join(str(part) for part in first["loc"])
+            raise ValueError(f"companion.{key}: {first['msg']} (got {first.get('input')!r})") from None
 
 
 class EmbedParams(_Section):

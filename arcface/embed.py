@@ -24,13 +24,14 @@ from arcface.data import store
 from arcface.data.datasets import to_model_input
 from arcface.device import autocast, autocast_dtype, resolve_device
 from arcface.files import atomic_path, read_json, sha256_file, write_json
-from arcface.train import CHECKPOINT_FILE, SPLIT_FILE, group_dirs, load_backbone
+from arcface.train import CHECKPOINT_FILE, COMPANION_DIR, SPLIT_FILE, group_dirs, load_backbone
 
 logger = logging.getLogger(__name__)
 
 VARIANTS = ("flip", "plain")  # always written; with embed.texture also "texture" and "fused" (primary);
 # embed.bayes adds "bayes" (then primary): Joint Bayesian vectors of the network's or fused vectors, scored by
-# bayes.pair_scores, not by a cosine
+# bayes.pair_scores, not by a cosine. A model with a companion trunk (train.companion) adds "companion" (its
+# vectors) and "ensemble" (both trunks', joined), which is then what the texture view fuses with.
 SCORED_BY_BAYES = ("bayes",)
 ROWS_FILE = "rows.npy"
 INFO_FILE = "embed.json"
@@ -81,6 +82,27 @@ def embed_faces(
     return embed_variants(model, faces, batch_size, amp, progress, (variant,))[variant]
 
 
+def join_trunks(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Two trunks' (N, D1), (N, D2) unit vectors -> (N, D1 + D2) unit vectors whose cosine is the mean of
+    the two trunks' cosines (the ensemble's cosine score)."""
+    return (np.concatenate([first, second], axis=1) / np.sqrt(2)).astype(np.float32)
+
+
+def companion_checkpoint(folder: Path) -> Path | None:
+    """`group-<g>/companion/checkpoint.pt` where the model has a second trunk (train.companion)."""
+    path = Path(folder) / COMPANION_DIR / CHECKPOINT_FILE
+    return path if path.exists() else None
+
+
+def load_trunk(
+    checkpoint: Path, device: torch.device
+) -> tuple[nn.Module, torch.dtype | None, dict[str, Any]]:
+    """A backbone ready to embed (channels_last), its autocast dtype, and its checkpoint's payload."""
+    model, payload = load_backbone(checkpoint, device)
+    model.to(memory_format=torch.channels_last)
+    return model, autocast_dtype(payload["train_params"]["amp"], device), payload
+
+
 @dataclass(frozen=True)
 class EmbedResult:
     out_dir: Path
@@ -102,16 +124,13 @@ def run(params: EmbedParams, aligned_dir: Path, models_dir: Path, out_dir: Path)
     descriptors = None  # LBP descriptors of `selected`, shared by every group's model when they fit in RAM
     with atomic_path(out_dir, directory=True) as temp:
         for group, folder in enumerate(models):
-            checkpoint = folder / CHECKPOINT_FILE
-            model, payload = load_backbone(checkpoint, device)
-            model.to(memory_format=torch.channels_last)
-            amp = autocast_dtype(payload["train_params"]["amp"], device)
-            vectors = embed_variants(model, selected, params.batch_size, amp, progress=True)
-            _check_finite(vectors, rows, manifest, checkpoint)
+            checkpoint, second = folder / CHECKPOINT_FILE, companion_checkpoint(folder)
+            network = "flip" if params.flip else "plain"
+            vectors, trunks = _network_vectors(params, checkpoint, second, selected, device, rows, manifest)
+            views = [vectors[network], vectors["companion"]] if second else [vectors[network]]
+            primary = "ensemble" if second else network
             target = temp / folder.name
             target.mkdir()
-            network = "flip" if params.flip else "plain"
-            primary = network
             if params.texture or params.bayes:
                 labels = manifest["identity"].to_numpy()[rows]
                 sample = _fit_sample(folder, labels)
@@ -119,9 +138,9 @@ def run(params: EmbedParams, aligned_dir: Path, models_dir: Path, out_dir: Path)
                 if descriptors is None and texture.fits_in_memory(len(selected)):
                     descriptors = texture.descriptors(selected, progress=True)
                 texture_model, vectors["texture"] = _fit_texture(
-                    params, selected, descriptors, labels, sample, vectors[network]
+                    params, selected, descriptors, labels, sample, views
                 )
-                vectors["fused"] = texture_model.fuse(vectors[network], vectors["texture"])
+                vectors["fused"] = texture_model.fuse(views, vectors["texture"])
                 texture_model.save(target / TEXTURE_FILE)
                 primary = "fused"
             bayes_input = None
@@ -145,7 +164,9 @@ def run(params: EmbedParams, aligned_dir: Path, models_dir: Path, out_dir: Path)
                     "bayes_input": bayes_input,  # the variant the Joint Bayesian model maps (or None)
                     "variants": list(vectors),
                     "checkpoint_sha256": sha256_file(checkpoint),
-                    "backbone": payload["train_params"]["backbone"],
+                    "companion_sha256": sha256_file(second) if second is not None else None,
+                    "backbone": trunks[0],
+                    "companion_backbone": trunks[1] if second else None,
                 },
             )
     dimension = int(vectors[primary].shape[1])
@@ -157,6 +178,31 @@ def run(params: EmbedParams, aligned_dir: Path, models_dir: Path, out_dir: Path)
         len(models),
     )
     return EmbedResult(Path(out_dir), len(rows), dimension, len(models))
+
+
+def _network_vectors(
+    params: EmbedParams,
+    checkpoint: Path,
+    companion: Path | None,
+    faces: np.ndarray,
+    device: torch.device,
+    rows: np.ndarray,
+    manifest: Any,
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The first trunk's "flip" and "plain" vectors of `faces`; with a companion trunk also its vectors
+    ("companion", flip TTA as embed.flip says) and both joined ("ensemble"). And the trunks' names."""
+    model, amp, payload = load_trunk(checkpoint, device)
+    vectors = embed_variants(model, faces, params.batch_size, amp, progress=True)
+    _check_finite(vectors, rows, manifest, checkpoint)
+    if companion is not None:
+        network = "flip" if params.flip else "plain"
+        second, second_amp, second_payload = load_trunk(companion, device)
+        own = embed_variants(second, faces, params.batch_size, second_amp, True, (network,))
+        _check_finite(own, rows, manifest, companion)
+        vectors["companion"] = own[network]
+        vectors["ensemble"] = join_trunks(vectors[network], own[network])
+        return vectors, [payload["train_params"]["backbone"], second_payload["train_params"]["backbone"]]
+    return vectors, [payload["train_params"]["backbone"]]
 
 
 def _fit_sample(folder: Path, labels: np.ndarray) -> np.ndarray:
@@ -179,27 +225,28 @@ def _fit_texture(
     descriptors: np.ndarray | None,
     labels: np.ndarray,
     sample: np.ndarray,
-    network: np.ndarray,
+    networks: list[np.ndarray],
 ) -> tuple[texture.TextureModel, np.ndarray]:
     """Fit PCA + LDA on the faces at positions `sample` (of the people the model trained on), and weigh
-    the two views by their spread over impostor pairs of those faces. Returns the model and every
-    face's texture vector (from `descriptors` when given, else computed chunk by chunk)."""
+    the views (each network's and the texture's) by their spread over impostor pairs of those faces.
+    Returns the model and every face's texture vector (from `descriptors` when given, else computed chunk
+    by chunk)."""
     fit_on = descriptors[sample] if descriptors is not None else texture.descriptors(faces[sample])
     model = texture.fit(fit_on, labels[sample], params.texture_pca_dims, params.texture_lda_dims)
     if descriptors is not None:
         vectors = model.project(descriptors).astype(np.float32)
     else:
         vectors = texture.project_faces(model, faces, progress=True)
-    model.network_spread = texture.impostor_spread(network[sample], labels[sample])
+    model.network_spreads = tuple(texture.impostor_spread(view[sample], labels[sample]) for view in networks)
     model.texture_spread = texture.impostor_spread(vectors[sample], labels[sample])
     logger.info(
         "texture: %d-d LBP -> %d-d PCA + LDA fit on %d faces of %d people; impostor spread: network "
-        "%.3f, texture %.3f",
+        "%s, texture %.3f",
         fit_on.shape[1],
         vectors.shape[1],
         len(sample),
         len(np.unique(labels[sample])),
-        model.network_spread,
+        " and ".join(f"{spread:.3f}" for spread in model.network_spreads),
         model.texture_spread,
     )
     return model, vectors
@@ -221,7 +268,7 @@ def _fit_bayes(
 
 
 def _check_finite(vectors: dict[str, np.ndarray], rows: np.ndarray, manifest: Any, checkpoint: Path) -> None:
-    broken = ~np.isfinite(vectors["plain"]).all(axis=1)
+    broken = ~np.isfinite(next(iter(vectors.values()))).all(axis=1)
     if broken.any():
         examples = ", ".join(manifest["path"].iloc[rows[broken][:3]])
         raise ValueError(

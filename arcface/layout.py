@@ -39,13 +39,15 @@ class Layout:
 
     @property
     def model(self) -> Path:
-        """train: `group-<g>/` (checkpoint.pt, history.csv, split.json, angles.npy) per model, groups.json."""
+        """train: `group-<g>/` (checkpoint.pt, history.csv, split.json, angles.npy) per model, groups.json;
+        with train.companion also `group-<g>/companion/` (checkpoint.pt, history.csv): the second trunk."""
         return self.root / "models"
 
     @property
     def embeddings(self) -> Path:
         """embed: `group-<g>/` with `flip.npy`, `plain.npy` (N×D float32), `rows.npy`, `embed.json`; with
-        embed.texture also `texture.npy`, `fused.npy` and the fitted `texture.npz`."""
+        embed.texture also `texture.npy`, `fused.npy` and the fitted `texture.npz`; with embed.bayes
+        `bayes.npy` and `bayes.npz`; with a companion trunk `companion.npy` and `ensemble.npy`."""
         return self.root / "data" / "embeddings"
 
     @property

@@ -15,12 +15,20 @@ from arcface import bayes, texture
 from arcface.config import AlignParams, EmbedParams, Params, load_params
 from arcface.data.align import FaceAligner
 from arcface.data.images import ImageReadError, load_rgb
-from arcface.device import autocast_dtype, resolve_device
-from arcface.embed import BAYES_FILE, SCORED_BY_BAYES, TEXTURE_FILE, embed_faces
+from arcface.device import resolve_device
+from arcface.embed import (
+    BAYES_FILE,
+    SCORED_BY_BAYES,
+    TEXTURE_FILE,
+    companion_checkpoint,
+    embed_faces,
+    join_trunks,
+    load_trunk,
+)
 from arcface.files import read_json, sha256_file
 from arcface.index import FaceIndex, IndexMismatchError, Match, load_index
 from arcface.layout import Layout
-from arcface.train import CHECKPOINT_FILE, load_backbone
+from arcface.train import CHECKPOINT_FILE
 
 LAYOUT = Layout()
 
@@ -86,10 +94,13 @@ class FaceSearcher:
                 f" but {checkpoint} has sha256 {checkpoint_hash}: rebuild the index (embed, index)"
             )
         device = resolve_device(embed.device)
-        self.model, payload = load_backbone(checkpoint, device)
+        self.model, self.amp, payload = load_trunk(checkpoint, device)
+        self.companion = self._companion(Path(checkpoint), index_dir, device)
         self.texture: texture.TextureModel | None = None
         self.bayes: bayes.BayesModel | None = None
         dimension = payload["train_params"]["embedding_size"]
+        if self.companion is not None:
+            dimension += self.companion[2]["train_params"]["embedding_size"]
         embedding = self.index.info.get("embedding")
         if "fused" in (embedding, self.index.info.get("bayes_input")):  # network + texture vectors
             fitted = _fitted_file(index_dir, TEXTURE_FILE, "fused (network + texture) vectors")
@@ -107,10 +118,25 @@ class FaceSearcher:
             raise IndexMismatchError(
                 f"{checkpoint} embeds into {dimension} dimensions but {index_dir} holds {self.index.index.d}"
             )
-        self.model.to(memory_format=torch.channels_last)
-        self.amp = autocast_dtype(payload["train_params"]["amp"], device)
         self.flip = bool(self.index.info.get("flip", embed.flip))
         self.aligner = FaceAligner(align)
+
+    def _companion(
+        self, checkpoint: Path, index_dir: Path, device: torch.device
+    ) -> tuple[torch.nn.Module, torch.dtype | None, dict] | None:
+        """The second trunk beside `checkpoint` (train.companion), checked against the one the index was
+        built with; None when neither has one."""
+        path = companion_checkpoint(checkpoint.parent)
+        expected = self.index.info.get("companion_sha256")
+        found = sha256_file(path) if path is not None else None
+        if found != expected:
+            built = f"with a companion trunk of sha256 {expected}" if expected else "without one"
+            has = f"a companion trunk of sha256 {found} ({path})" if found else "none"
+            raise IndexMismatchError(
+                f"{index_dir} was built {built}, but {checkpoint.parent} has {has}: rebuild the index "
+                "(embed, index) or point at the models it was built from"
+            )
+        return load_trunk(path, device) if path is not None else None
 
     def read_face(self, photo: Path | BinaryIO, max_pixels: int | None = None) -> QueryFace:
         """Decode, detect, align and embed one photo (a path or an open binary file); photos over
@@ -123,9 +149,13 @@ class FaceSearcher:
         face, detection = self.aligner.align_one(image)
         if detection.status != "ok":
             return QueryFace("no_face", detection.reason, image=image)
-        vector = embed_faces(self.model, face[None], flip=self.flip, amp=self.amp)
+        views = [embed_faces(self.model, face[None], flip=self.flip, amp=self.amp)]
+        if self.companion is not None:
+            model, amp, _ = self.companion
+            views.append(embed_faces(model, face[None], flip=self.flip, amp=amp))
+        vector = join_trunks(*views) if self.companion is not None else views[0]
         if self.texture is not None:
-            vector = self.texture.fuse(vector, self.texture.project(texture.descriptors(face[None])))
+            vector = self.texture.fuse(views, self.texture.project(texture.descriptors(face[None])))
         if self.bayes is not None:
             vector = self.bayes.vectors(vector)
         vector = vector[0]

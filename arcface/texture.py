@@ -118,7 +118,7 @@ class TextureModel:
 
     mean: np.ndarray  # (D,)
     projection: np.ndarray  # (D, k): PCA basis times LDA directions
-    network_spread: float = 1.0
+    network_spreads: tuple[float, ...] = (1.0,)  # one per network view (two with train.companion)
     texture_spread: float = 1.0
 
     def project(self, descriptors: np.ndarray) -> np.ndarray:
@@ -126,11 +126,15 @@ class TextureModel:
         vectors = (descriptors - self.mean) @ self.projection
         return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
-    def fuse(self, network: np.ndarray, texture: np.ndarray) -> np.ndarray:
-        """Unit vectors whose cosine is (cos_net / s_net + cos_tex / s_tex), rescaled."""
-        fused = np.concatenate(
-            [network / np.sqrt(self.network_spread), texture / np.sqrt(self.texture_spread)], axis=1
-        )
+    def fuse(self, networks: list[np.ndarray], texture: np.ndarray) -> np.ndarray:
+        """Unit vectors whose cosine is (sum of cos_net_i / s_net_i + cos_tex / s_tex), rescaled: each view
+        weighed by its spread over impostor pairs, so none drowns the others."""
+        if len(networks) != len(self.network_spreads):
+            raise ValueError(
+                f"the texture model weighs {len(self.network_spreads)} network view(s), got {len(networks)}"
+            )
+        views = [view / np.sqrt(spread) for view, spread in zip(networks, self.network_spreads, strict=True)]
+        fused = np.concatenate([*views, texture / np.sqrt(self.texture_spread)], axis=1)
         return (fused / np.linalg.norm(fused, axis=1, keepdims=True)).astype(np.float32)
 
     def save(self, path: Path) -> None:
@@ -138,14 +142,14 @@ class TextureModel:
             path,
             mean=self.mean,
             projection=self.projection,
-            spreads=np.array([self.network_spread, self.texture_spread]),
+            spreads=np.array([*self.network_spreads, self.texture_spread]),
         )
 
     @classmethod
     def load(cls, path: Path) -> TextureModel:
         with np.load(path) as data:
-            spreads = data["spreads"]
-            return cls(data["mean"], data["projection"], float(spreads[0]), float(spreads[1]))
+            spreads = [float(spread) for spread in data["spreads"]]
+            return cls(data["mean"], data["projection"], tuple(spreads[:-1]), spreads[-1])
 
 
 def fit(descriptors: np.ndarray, labels: np.ndarray, pca_dims: int, lda_dims: int) -> TextureModel:

@@ -83,7 +83,7 @@ def log_pipeline_run(
     cross-training, one nested run per model with its training curves (else they go on the parent)."""
     import mlflow
 
-    from arcface.train import CHECKPOINT_FILE, HISTORY_FILE, SPLIT_FILE, group_dirs
+    from arcface.train import CHECKPOINT_FILE, SPLIT_FILE, group_dirs
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
@@ -106,13 +106,12 @@ def log_pipeline_run(
             if artifact.exists():
                 mlflow.log_artifact(str(artifact))
         for folder in models:
-            history = pd.read_csv(folder / HISTORY_FILE)
             if len(models) == 1:
-                _log_history(history)
+                _log_trunks(folder)
                 mlflow.log_artifact(str(folder / SPLIT_FILE))
                 continue
             with mlflow.start_run(run_name=folder.name, nested=True, tags={"group": folder.name}):
-                _log_history(history)
+                _log_trunks(folder)
                 mlflow.log_artifact(str(folder / SPLIT_FILE))
                 mlflow.log_metrics(_fold_metrics(metrics, folder.name))
         if params.tracking.log_model:
@@ -123,21 +122,32 @@ def log_pipeline_run(
     return tracked
 
 
-def _log_history(history: pd.DataFrame) -> None:
+def _log_trunks(folder: Path) -> None:
+    """The training curves of one group's model: its trunk's, and its companion's (train.companion)."""
+    from arcface.train import COMPANION_DIR, HISTORY_FILE
+
+    _log_history(pd.read_csv(folder / HISTORY_FILE))
+    if (folder / COMPANION_DIR / HISTORY_FILE).exists():
+        _log_history(pd.read_csv(folder / COMPANION_DIR / HISTORY_FILE), "companion_")
+
+
+def _log_history(history: pd.DataFrame, prefix: str = "") -> None:
+    """Per-epoch curves of one trunk, its metric names prefixed (`companion_` for a second trunk)."""
     import mlflow
 
     for epoch in history.itertuples(index=False):
         mlflow.log_metrics(
             {
-                "train_loss": epoch.loss,
-                "train_accuracy": epoch.accuracy,
-                "lr": epoch.lr,
-                "images_per_second": epoch.images_per_second,
+                f"{prefix}train_loss": epoch.loss,
+                f"{prefix}train_accuracy": epoch.accuracy,
+                f"{prefix}lr": epoch.lr,
+                f"{prefix}images_per_second": epoch.images_per_second,
             },
             step=int(epoch.epoch),
         )
     # The epochs actually trained: fewer than train.epochs when train.time_budget_minutes cut the run.
-    mlflow.log_metrics({"train_epochs": len(history), "train_minutes": float(history["seconds"].sum()) / 60})
+    minutes = float(history["seconds"].sum()) / 60
+    mlflow.log_metrics({f"{prefix}train_epochs": len(history), f"{prefix}train_minutes": minutes})
 
 
 def _numbers(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:

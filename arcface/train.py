@@ -45,6 +45,7 @@ HISTORY_FILE = "history.csv"
 SPLIT_FILE = "split.json"
 ANGLES_FILE = "angles.npy"
 GROUPS_FILE = "groups.json"
+COMPANION_DIR = "companion"  # group-<g>/companion/: the second trunk of train.companion (checkpoint, history)
 CHECKPOINT_FORMAT = 1
 
 
@@ -639,6 +640,13 @@ class TrainResult:
     checkpoint: Path
     history: list[EpochStats]
     split: TrainingSplit
+    companion_history: list[EpochStats] | None = None  # the second trunk's (train.companion), if any
+
+    @property
+    def companion_checkpoint(self) -> Path | None:
+        if self.companion_history is None:
+            return None
+        return self.checkpoint.parent / COMPANION_DIR / CHECKPOINT_FILE
 
 
 def run(
@@ -649,7 +657,8 @@ def run(
     on_epoch: Callable[[int, EpochStats], None] | None = None,
 ) -> list[TrainResult]:
     """Train one model per group, each on every usable face of every identity not excluded for it;
-    write `out_dir/group-<g>/` (checkpoint, history, split, training angles) and `groups.json`.
+    write `out_dir/group-<g>/` (checkpoint, history, split, training angles) and `groups.json`. With
+    train.companion, a second trunk per group on the same faces, in `group-<g>/companion/`.
 
     Per-epoch checkpoints live beside `out_dir` (`.<name>.progress/<run>/`) until every model is done, so
     an interrupted run, even one whose outputs DVC removed, resumes from its last finished epoch.
@@ -670,7 +679,8 @@ def run(
     distributed = Distributed.from_environment(resolve_device(params.train.device).type)
     all_faces = store.open_faces(aligned_dir)
     root = out_dir.parent / f".{out_dir.name}.progress"
-    keys = [_run_key(params, aligned_dir, split) for split in splits]
+    first, companion = params.train.without_companion(), params.train.companion_params()
+    keys = [_run_key(first, params.seed, aligned_dir, split) for split in splits]
     if distributed.main and root.exists():
         for stale in root.iterdir():
             if stale.name not in keys:
@@ -684,7 +694,7 @@ def run(
                 "model %d of %d: %d identities left out", group + 1, len(splits), split.excluded_identities
             )
         state = fit(
-            params.train,
+            first,
             faces,
             split.labels,
             split.num_classes,
@@ -698,7 +708,13 @@ def run(
             angles = training_angles(state.embedder, state.head, faces, split.labels)
             with atomic_path(progress / ANGLES_FILE) as temp, open(temp, "wb") as handle:
                 np.save(handle, angles)
-        results.append(TrainResult(out_dir / f"group-{group}" / CHECKPOINT_FILE, state.history, split))
+        companion_history = None
+        if companion is not None:
+            companion_history = _fit_companion(
+                companion, state.history, faces, split, params.seed + group, progress, group, distributed
+            )
+        checkpoint = out_dir / f"group-{group}" / CHECKPOINT_FILE
+        results.append(TrainResult(checkpoint, state.history, split, companion_history))
     if distributed.main:
         with atomic_path(out_dir, directory=True) as temp:
             for group, (result, key) in enumerate(zip(results, keys, strict=True)):
@@ -711,11 +727,66 @@ def run(
     return results
 
 
+def _fit_companion(
+    companion: TrainParams,
+    first_history: list[EpochStats],
+    faces: np.ndarray,
+    split: TrainingSplit,
+    seed: int,
+    progress: Path,
+    group: int,
+    distributed: Distributed,
+) -> list[EpochStats]:
+    """Train model `group`'s second trunk (train.companion) on the first's faces and classes, resumable
+    from `progress/companion/`; its history."""
+    params = _companion_budget(companion, first_history)
+    if distributed.main:
+        budget = params.time_budget_minutes
+        logger.info(
+            "companion trunk of model %d: %s%s",
+            group + 1,
+            params.backbone,
+            f", {budget:.1f} min of the budget left" if budget else "",
+        )
+    return fit(
+        params,
+        faces,
+        split.labels,
+        split.num_classes,
+        seed,
+        checkpoint=progress / COMPANION_DIR / CHECKPOINT_FILE,
+        extra={"classes": split.classes, "group": group, "companion": True},
+        distributed=distributed,
+    ).history
+
+
+def _companion_budget(companion: TrainParams, first_history: list[EpochStats]) -> TrainParams:
+    """The companion's settings with its time budget, which counts both trunks, less the first's time."""
+    if companion.time_budget_minutes <= 0:
+        return companion
+    spent = sum(s.seconds for s in first_history) / 60
+    left = companion.time_budget_minutes - spent
+    if left <= 0:
+        logger.warning(
+            "train.companion.time_budget_minutes=%g counts both trunks, and the first took %.1f min: the "
+            "companion trains one epoch",
+            companion.time_budget_minutes,
+            spent,
+        )
+    # A budget under one epoch still trains one (a budget of 0 would mean none at all).
+    return companion.model_copy(update={"time_budget_minutes": max(left, 1e-3)})
+
+
 def _write_model_folder(folder: Path, progress: Path, result: TrainResult) -> None:
     folder.mkdir()
     os.replace(progress / CHECKPOINT_FILE, folder / CHECKPOINT_FILE)
     os.replace(progress / ANGLES_FILE, folder / ANGLES_FILE)
     pd.DataFrame([asdict(s) for s in result.history]).to_csv(folder / HISTORY_FILE, index=False)
+    if result.companion_history is not None:
+        (folder / COMPANION_DIR).mkdir()
+        os.replace(progress / COMPANION_DIR / CHECKPOINT_FILE, folder / COMPANION_DIR / CHECKPOINT_FILE)
+        history = pd.DataFrame([asdict(s) for s in result.companion_history])
+        history.to_csv(folder / COMPANION_DIR / HISTORY_FILE, index=False)
     split = result.split
     write_json(
         folder / SPLIT_FILE,
@@ -729,11 +800,11 @@ def _write_model_folder(folder: Path, progress: Path, result: TrainResult) -> No
     )
 
 
-def _run_key(params: Params, aligned_dir: Path, split: TrainingSplit) -> str:
+def _run_key(params: TrainParams, seed: int, aligned_dir: Path, split: TrainingSplit) -> str:
     """Names one training run: its params, seed, classes and the aligned store's contents."""
     digest = hashlib.sha256()
-    digest.update(params.train.model_dump_json(exclude={"device", "resume"}).encode())
-    digest.update(f"{params.seed}".encode())
+    digest.update(params.model_dump_json(exclude={"device", "resume"}).encode())
+    digest.update(f"{seed}".encode())
     digest.update("\n".join(split.classes).encode())
     digest.update(split.rows.tobytes())
     for name in (store.MANIFEST_FILE, store.FACES_FILE):

@@ -180,12 +180,17 @@ def test_auto_recipe_keeps_the_sample_as_written_and_picks_cpu_on_a_cpu(tmp_path
 
 
 def test_auto_recipe_on_a_cpu_without_fast_bf16_is_the_cpu_recipe_at_half_width_with_blur() -> None:
-    """cpu-fp32 is the cpu recipe with the half-width trunk and blur augmentation (measured on that trunk
-    only), chosen where a CPU trains in float32; a params file without it (the test above) keeps `cpu`."""
+    """cpu-fp32 is the cpu recipe's first trunk with the half-width trunk, SGD and blur augmentation, alone
+    (measured so), chosen where a CPU trains in float32; a params file without it (the test above) keeps
+    `cpu`."""
     recipes = project_params()["recipes"]
     assert {k: v for k, v in recipes["cpu-fp32"].items() if recipes["cpu"][k] != v} == {
         "backbone": "resnet18-fast-half",
         "blur": 0.2,
+        "optimizer": "sgd",
+        "lr": 0.1,
+        "weight_decay": 0.0005,
+        "companion": {},
     }
     assert recipes["cpu-fp32"].keys() == recipes["cpu"].keys()
     on_lfw = load_params(ROOT / "params.yaml", ["download.dataset=lfw", "train.device=cpu"])
@@ -221,3 +226,36 @@ def test_recipe_mistakes_name_the_key(tmp_path: Path) -> None:
         load_params(write(tmp_path, raw))
     with pytest.raises(ParamsError, match=r"train\.epochs"):
         load_params(path, ["train.recipe=cpu", "recipes.cpu.epochs=0"])
+
+
+def test_a_companion_trunk_takes_its_values_over_the_train_sections(tmp_path: Path) -> None:
+    path = with_recipes(tmp_path, recipe="cpu")
+    companion = "train.companion={backbone: resnet50, lr: 0.02, time_budget_minutes: 60}"
+    params = load_params(path, [companion, "train.companion.epochs=7"])
+    second = params.train.companion_params()
+    assert (second.backbone, second.lr, second.epochs, second.time_budget_minutes) == (
+        "resnet50",
+        0.02,
+        7,
+        60.0,
+    )
+    assert second.weight_decay == params.train.weight_decay and second.companion == {}
+    assert params.train.without_companion().companion == {} and params.train.backbone == "resnet18"
+    assert flatten(params)["train.companion.backbone"] == "resnet50"  # MLflow sees each companion value
+    assert load_params(path).train.companion_params() is None
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.companion.lr=-1", r"train: companion\.lr: Input should be greater than 0 \(got -1\)"),
+        ("train.companion.epoch=3", r"train: companion\.epoch: unknown train key \(allowed: accumulate, "),
+        ("train.companion.recipe=gpu", r"companion\.recipe: unknown train key"),
+        # both trunks train on one split: the companion cannot change it
+        ("train.companion.min_images_per_identity=1", r"companion\.min_images_per_identity: unknown"),
+    ],
+)
+def test_companion_mistakes_name_the_key(tmp_path: Path, override: str, message: str) -> None:
+    path = write(tmp_path, project_params())
+    with pytest.raises(ParamsError, match=message):
+        load_params(path, [override])

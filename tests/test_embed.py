@@ -17,7 +17,7 @@ from arcface.data.datasets import training_split
 from arcface.embed import load_embeddings, run
 from arcface.evaluate import EvaluationError
 from arcface.evaluate import run as evaluate
-from arcface.files import read_json, write_json
+from arcface.files import read_json, sha256_file, write_json
 from arcface.train import CHECKPOINT_FILE, fit, load_checkpoint
 
 SAMPLE_PAIRS = Path(__file__).parent / "data" / "sample" / "pairs.txt"
@@ -95,8 +95,10 @@ def test_texture_and_bayes_make_variants_that_evaluate_scores(
     assert textures.shape == (80, len(people) - 1)  # LDA: one direction fewer than the people
     assert fused.shape[1] == 64 + len(people) - 1
     model = texture.TextureModel.load(tmp_path / "emb" / "group-0" / "texture.npz")
-    assert np.allclose(fused, model.fuse(network, textures), atol=1e-6)
-    assert 0 < model.texture_spread < 1 and 0 < model.network_spread < 1
+    assert np.allclose(fused, model.fuse([network], textures), atol=1e-6)
+    assert (
+        0 < model.texture_spread < 1 and 0 < model.network_spreads[0] < 1 and len(model.network_spreads) == 1
+    )
     # the Joint Bayesian model maps the fused vectors, in 16 PCA dimensions + a bias
     bayes_model = bayes.BayesModel.load(tmp_path / "emb" / "group-0" / "bayes.npz")
     assert result.dimension == 17 and bayes_vectors.shape == (80, 17)
@@ -122,6 +124,52 @@ def test_texture_and_bayes_make_variants_that_evaluate_scores(
     expected = bayes.pair_scores(first, second)
     assert np.allclose(scores["score_bayes"], expected, atol=1e-4)
     assert not np.allclose(scores["score_bayes"], np.einsum("nd,nd->n", first, second), atol=1e-2)
+
+
+def test_a_companion_trunk_is_ensembled_and_fused_view_by_view(
+    aligned_tiny: Path, models: Path, tmp_path: Path
+) -> None:
+    """group-0/companion/ (train.companion) holds a second trunk: its vectors join the first's (the
+    `ensemble`, whose cosine is the mean of the two), and the texture view fuses with each by its spread."""
+    manifest = store.read_manifest(aligned_tiny)
+    trained = tmp_path / "models"
+    shutil.copytree(models, trained)
+    split = training_split(manifest, set(), 2)
+    write_json(trained / "group-0" / "split.json", {"identities": split.classes})
+    faces = np.asarray(store.open_faces(aligned_tiny)[split.rows])
+    second = TrainParams(
+        backbone="resnet18-fast-half", epochs=1, batch_size=16, embedding_size=32, device="cpu"
+    )
+    companion = trained / "group-0" / "companion" / CHECKPOINT_FILE
+    fit(second, faces, split.labels, split.num_classes, 1, checkpoint=companion)
+    run(EmbedParams(device="cpu", texture=False, bayes=False), aligned_tiny, trained, tmp_path / "plain")
+    ensemble, _, info = load_embeddings(tmp_path / "plain")
+    first = load_embeddings(tmp_path / "plain", variant="flip")[0]
+    other = load_embeddings(tmp_path / "plain", variant="companion")[0]
+    assert info["primary"] == "ensemble" and info["variants"] == ["flip", "plain", "companion", "ensemble"]
+    assert info["companion_sha256"] == sha256_file(companion) != info["checkpoint_sha256"]
+    assert ensemble.shape == (80, 64 + 32) and np.allclose(np.linalg.norm(ensemble, axis=1), 1, atol=1e-5)
+    mean_cosine = (first @ first.T + other @ other.T) / 2
+    assert np.allclose(ensemble @ ensemble.T, mean_cosine, atol=1e-5)
+    assert (first.shape, other.shape) == ((80, 64), (80, 32))  # two different trunks
+
+    params = EmbedParams(device="cpu", texture=True, bayes=True, bayes_dims=16)
+    result = run(params, aligned_tiny, trained, tmp_path / "emb")
+    fused, _, _ = load_embeddings(tmp_path / "emb", variant="fused")
+    textures, _, info = load_embeddings(tmp_path / "emb", variant="texture")
+    model = texture.TextureModel.load(tmp_path / "emb" / "group-0" / "texture.npz")
+    assert (info["primary"], info["bayes_input"], result.dimension) == ("bayes", "fused", 17)
+    assert len(model.network_spreads) == 2 and model.network_spreads[0] != model.network_spreads[1]
+    assert fused.shape == (80, 64 + 32 + len(split.classes) - 1)
+    assert np.allclose(fused, model.fuse([first, other], textures), atol=1e-5)
+    protocols = tmp_path / "protocols"
+    protocols.mkdir()
+    lines = SAMPLE_PAIRS.read_text().splitlines()
+    (protocols / "pairs.txt").write_text("2\t10\n" + "\n".join(lines[1:41]) + "\n")
+    evaluate(EvaluateParams(), protocols, aligned_tiny, tmp_path / "emb", tmp_path / "reports")
+    metrics = read_json(tmp_path / "reports" / "metrics.json")
+    assert {"with_companion", "with_ensemble", "with_fused"} <= set(metrics)
+    assert metrics["with_companion"]["auc"] != metrics["with_flip"]["auc"]
 
 
 def test_texture_or_bayes_without_the_training_split_is_refused(

@@ -19,11 +19,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from arcface import bayes, cli, index
-from arcface.config import load_params
-from arcface.files import read_json
+from arcface.config import TrainParams, load_params
+from arcface.data import store
+from arcface.data.datasets import training_split
+from arcface.files import read_json, sha256_file
 from arcface.index import IndexMismatchError
 from arcface.search import QueryFace
 from arcface.search_app import SearchService, UploadLimits, create_app, image_type, load_service
+from arcface.train import fit
 
 LIMITS = UploadLimits(max_bytes=400_000, max_files=6, max_pixels=4_000_000)
 
@@ -336,3 +339,48 @@ def test_page_in_a_real_browser_shows_the_right_name_first(workspace: Path, tmp_
         browser.quit()
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_a_companion_trunk_embeds_queries_like_the_index_and_a_mismatch_is_refused(
+    workspace: Path, tmp_path: Path
+) -> None:
+    """A model with a second trunk (train.companion): the index holds the ensemble's fused Bayes vectors,
+    and a query photo is embedded by both trunks the same way; models and an index that disagree about the
+    companion are refused, naming both."""
+    ensemble = tmp_path / "ws"
+    shutil.copytree(workspace, ensemble, symlinks=True)
+    manifest = store.read_manifest(ensemble / "data/aligned")
+    people = set(read_json(ensemble / "models/group-0/split.json")["identities"])
+    split = training_split(manifest, set(manifest["identity"]) - people, 2)
+    faces = np.asarray(store.open_faces(ensemble / "data/aligned")[split.rows])
+    second = TrainParams(
+        backbone="resnet18-fast-half", epochs=1, batch_size=16, embedding_size=32, device="cpu"
+    )
+    companion = ensemble / "models/group-0/companion/checkpoint.pt"
+    fit(second, faces, split.labels, split.num_classes, 1, checkpoint=companion)
+    before = Path.cwd()
+    os.chdir(ensemble)
+    try:
+        for stage in ("embed", "index", "evaluate"):
+            assert cli.main([stage]) == 0, stage
+    finally:
+        os.chdir(before)
+    info = read_json(ensemble / "data/index/index.json")
+    assert info["companion_sha256"] == sha256_file(companion) and info["embedding"] == "bayes"
+    service = service_of(ensemble)
+    photo, identity = gallery_photo(ensemble)
+    query = service.searcher.read_face(photo).vector
+    gallery = np.load(ensemble / "data/embeddings/group-0/bayes.npy")
+    position = int(np.flatnonzero(np.load(ensemble / "data/embeddings/group-0/rows.npy") == 0)[0])
+    assert query.shape == gallery[position].shape  # first trunk + companion + texture, mapped by the model
+    scores = bayes.scores_against(query[None], gallery)[0]
+    assert int(scores.argmax()) == position  # the photo finds its own face first
+    (top,) = service.searcher.matches(QueryFace("ok", vector=query), 1)
+    assert top.identity == identity and top.score == pytest.approx(scores.max(), rel=1e-4)
+    with pytest.raises(
+        IndexMismatchError, match=r"built with a companion trunk of sha256 .* but .* has none"
+    ):
+        service_of_index(workspace, ensemble / "data/index")
+    with pytest.raises(IndexMismatchError, match=r"built without one, but .*group-0 has a companion trunk"):
+        service_of_index(ensemble, workspace / "data/index")
+    assert companion.exists() and (workspace / "data/index/faces.faiss").exists()

@@ -59,14 +59,29 @@ def test_fused_cosine_weighs_each_view_by_its_spread(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
     network, textures = unit(rng.normal(size=(5, 8))), unit(rng.normal(size=(5, 3)))
-    model = texture.TextureModel(np.zeros(4, np.float32), np.eye(4, 3, dtype=np.float32), 0.2, 0.05)
-    fused = model.fuse(network, textures)
+    model = texture.TextureModel(np.zeros(4, np.float32), np.eye(4, 3, dtype=np.float32), (0.2,), 0.05)
+    fused = model.fuse([network], textures)
     expected = (network @ network.T / 0.2 + textures @ textures.T / 0.05) / (1 / 0.2 + 1 / 0.05)
     assert fused.shape == (5, 11) and np.allclose(fused @ fused.T, expected, atol=1e-6)
     model.save(tmp_path / "texture.npz")
     loaded = texture.TextureModel.load(tmp_path / "texture.npz")
-    assert (loaded.network_spread, loaded.texture_spread) == (0.2, 0.05)
+    assert (loaded.network_spreads, loaded.texture_spread) == ((0.2,), 0.05)
     assert np.array_equal(loaded.projection, model.projection)
+
+
+def test_two_network_views_are_weighed_each_by_its_own_spread(tmp_path: Path) -> None:
+    """A model with a companion trunk: each trunk's view counts by its own impostor spread."""
+    rng = np.random.default_rng(1)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    first, second, textures = (unit(rng.normal(size=(5, d))) for d in (8, 6, 3))
+    model = texture.TextureModel(np.zeros(4, np.float32), np.eye(4, 3, dtype=np.float32), (0.2, 0.1), 0.05)
+    fused = model.fuse([first, second], textures)
+    weighted = first @ first.T / 0.2 + second @ second.T / 0.1 + textures @ textures.T / 0.05
+    assert fused.shape == (5, 17) and np.allclose(fused @ fused.T, weighted / (5 + 10 + 20), atol=1e-6)
+    with pytest.raises(ValueError, match=r"weighs 2 network view\(s\), got 1"):
+        model.fuse([first], textures)
+    model.save(tmp_path / "texture.npz")
+    assert texture.TextureModel.load(tmp_path / "texture.npz").network_spreads == (0.2, 0.1)
 
 
 def test_one_person_cannot_fit_a_texture_model() -> None:

@@ -547,3 +547,57 @@ def test_time_left_follows_the_latest_epochs_pace() -> None:
     assert time_left(history, epochs=10) == 6 * 70  # the first, slow epoch no longer counts
     assert time_left(history, epochs=4) == 0
     assert [format_duration(s) for s in (45, 750, 3900, 59.6)] == ["45s", "12m 30s", "1h 05m", "1m 00s"]
+
+
+def test_train_stage_trains_a_companion_trunk_on_the_same_faces(aligned_tiny: Path, tmp_path: Path) -> None:
+    from arcface import train
+    from arcface.config import load_params
+
+    params = load_params(
+        Path(__file__).parent.parent / "params.yaml",
+        {
+            "train.recipe": "none",
+            "train.backbone": "resnet18-fast",
+            "train.epochs": 1,
+            "train.batch_size": 16,
+            "train.embedding_size": 64,
+            "train.companion": {"backbone": "resnet18-fast-half", "embedding_size": 32, "epochs": 2},
+        },
+    )
+    out = tmp_path / "models"
+    (result,) = train.run(params, aligned_tiny, [set()], out)
+    first = load_checkpoint(out / "group-0" / "checkpoint.pt")
+    second = load_checkpoint(out / "group-0" / "companion" / "checkpoint.pt")
+    assert result.companion_checkpoint == out / "group-0" / "companion" / "checkpoint.pt"
+    assert (first["train_params"]["backbone"], first["train_params"]["companion"]) == ("resnet18-fast", {})
+    assert (second["train_params"]["backbone"], second["train_params"]["embedding_size"]) == (
+        "resnet18-fast-half",
+        32,
+    )
+    assert (first["epoch"], second["epoch"]) == (1, 2)
+    assert second["classes"] == first["classes"] == result.split.classes  # one split, one set of classes
+    history = pd.read_csv(out / "group-0" / "companion" / "history.csv")
+    assert history["epoch"].tolist() == [1, 2] == [s.epoch for s in result.companion_history]
+    assert sorted(p.name for p in (out / "group-0").iterdir()) == [
+        "angles.npy",
+        "checkpoint.pt",
+        "companion",
+        "history.csv",
+        "split.json",
+    ]
+    assert not (tmp_path / ".models.progress").exists()
+
+
+def test_companion_time_budget_counts_both_trunks(caplog) -> None:
+    from arcface.train import _companion_budget
+
+    first = [EpochStats(e, 1.0, 0.5, 0.1, 100.0, 300.0) for e in (1, 2)]  # 10 minutes
+    companion = TrainParams(time_budget_minutes=25, **SMALL)
+    assert _companion_budget(companion, first).time_budget_minutes == pytest.approx(15)
+    assert _companion_budget(companion.model_copy(update={"time_budget_minutes": 0.0}), first) == (
+        companion.model_copy(update={"time_budget_minutes": 0.0})  # no budget: none for the companion
+    )
+    with caplog.at_level("WARNING", logger="arcface.train"):
+        spent = _companion_budget(companion.model_copy(update={"time_budget_minutes": 8.0}), first)
+    assert 0 < spent.time_budget_minutes < 0.01  # one epoch, not an unlimited run
+    assert "the first took 10.0 min: the companion trains one epoch" in caplog.text
