@@ -80,8 +80,8 @@ def _embed(args: argparse.Namespace) -> int:
 
     result = embed.run(_params(args).embed, args.aligned, args.models, args.out)
     print(
-        f"{result.count} embeddings of dimension {result.dimension} by {result.groups} model(s) "
-        f"in {result.out_dir}"
+        f"{result.count} embeddings of dimension {result.dimension} by {result.groups} model(s)"
+        f"{f' ({result.companions} with a companion trunk)' if result.companions else ''} in {result.out_dir}"
     )
     return 0
 

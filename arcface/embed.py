@@ -109,6 +109,7 @@ class EmbedResult:
     count: int
     dimension: int
     groups: int
+    companions: int = 0  # how many of the groups' models have a second trunk (train.companion)
 
 
 def run(params: EmbedParams, aligned_dir: Path, models_dir: Path, out_dir: Path) -> EmbedResult:
@@ -122,6 +123,7 @@ def run(params: EmbedParams, aligned_dir: Path, models_dir: Path, out_dir: Path)
     selected = np.asarray(faces[rows])
     models = group_dirs(models_dir)
     descriptors = None  # LBP descriptors of `selected`, shared by every group's model when they fit in RAM
+    companions = 0
     with atomic_path(out_dir, directory=True) as temp:
         for group, folder in enumerate(models):
             checkpoint, second = folder / CHECKPOINT_FILE, companion_checkpoint(folder)
@@ -129,6 +131,7 @@ def run(params: EmbedParams, aligned_dir: Path, models_dir: Path, out_dir: Path)
             vectors, trunks = _network_vectors(params, checkpoint, second, selected, device, rows, manifest)
             views = [vectors[network], vectors["companion"]] if second else [vectors[network]]
             primary = "ensemble" if second else network
+            companions += second is not None
             target = temp / folder.name
             target.mkdir()
             if params.texture or params.bayes:
@@ -171,13 +174,14 @@ def run(params: EmbedParams, aligned_dir: Path, models_dir: Path, out_dir: Path)
             )
     dimension = int(vectors[primary].shape[1])
     logger.info(
-        "embedded %d faces into %d-d vectors (%s) with %d model(s)",
+        "embedded %d faces into %d-d vectors (%s) with %d model(s)%s",
         len(rows),
         dimension,
         primary,
         len(models),
+        f", {companions} of them with a companion trunk" if companions else "",
     )
-    return EmbedResult(Path(out_dir), len(rows), dimension, len(models))
+    return EmbedResult(Path(out_dir), len(rows), dimension, len(models), companions)
 
 
 def _network_vectors(

@@ -38,7 +38,7 @@ def models(aligned_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 def test_both_variants_are_unit_vectors(aligned_tiny: Path, models: Path, tmp_path: Path) -> None:
     result = run(EmbedParams(device="cpu"), aligned_tiny, models, tmp_path / "emb")
-    assert (result.count, result.dimension, result.groups) == (80, 64, 1)
+    assert (result.count, result.dimension, result.groups, result.companions) == (80, 64, 1, 0)
     flip, rows, info = load_embeddings(tmp_path / "emb")
     plain, _, _ = load_embeddings(tmp_path / "emb", variant="plain")
     assert info["primary"] == "flip" and rows.tolist() == list(range(80))
@@ -159,6 +159,7 @@ def test_a_companion_trunk_is_ensembled_and_fused_view_by_view(
     textures, _, info = load_embeddings(tmp_path / "emb", variant="texture")
     model = texture.TextureModel.load(tmp_path / "emb" / "group-0" / "texture.npz")
     assert (info["primary"], info["bayes_input"], result.dimension) == ("bayes", "fused", 17)
+    assert (result.groups, result.companions) == (1, 1)
     assert len(model.network_spreads) == 2 and model.network_spreads[0] != model.network_spreads[1]
     assert fused.shape == (80, 64 + 32 + len(split.classes) - 1)
     assert np.allclose(fused, model.fuse([first, other], textures), atol=1e-5)
