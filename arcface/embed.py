@@ -128,7 +128,9 @@ def run(params: EmbedParams, aligned_dir: Path, models_dir: Path, out_dir: Path)
         for group, folder in enumerate(models):
             checkpoint, second = folder / CHECKPOINT_FILE, companion_checkpoint(folder)
             network = "flip" if params.flip else "plain"
-            vectors, trunks = _network_vectors(params, checkpoint, second, selected, device, rows, manifest)
+            vectors, trunks = _network_vectors(
+                params, network, checkpoint, second, selected, device, rows, manifest
+            )
             views = [vectors[network], vectors["companion"]] if second else [vectors[network]]
             primary = "ensemble" if second else network
             companions += second is not None
@@ -186,6 +188,7 @@ def run(params: EmbedParams, aligned_dir: Path, models_dir: Path, out_dir: Path)
 
 def _network_vectors(
     params: EmbedParams,
+    network: str,
     checkpoint: Path,
     companion: Path | None,
     faces: np.ndarray,
@@ -193,13 +196,12 @@ def _network_vectors(
     rows: np.ndarray,
     manifest: Any,
 ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """The first trunk's "flip" and "plain" vectors of `faces`; with a companion trunk also its vectors
-    ("companion", flip TTA as embed.flip says) and both joined ("ensemble"). And the trunks' names."""
+    """The first trunk's "flip" and "plain" vectors of `faces`; with a companion trunk also its `network`
+    variant's vectors ("companion") and both trunks' joined ("ensemble"). And the trunks' names."""
     model, amp, payload = load_trunk(checkpoint, device)
     vectors = embed_variants(model, faces, params.batch_size, amp, progress=True)
     _check_finite(vectors, rows, manifest, checkpoint)
     if companion is not None:
-        network = "flip" if params.flip else "plain"
         second, second_amp, second_payload = load_trunk(companion, device)
         own = embed_variants(second, faces, params.batch_size, second_amp, True, (network,))
         _check_finite(own, rows, manifest, companion)
