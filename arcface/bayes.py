@@ -95,9 +95,14 @@ def from_covariances(between: np.ndarray, within: np.ndarray) -> BayesModel:
 
 def fit(inputs: np.ndarray, labels: np.ndarray, dims: int, shrink: float, seed: int = 0) -> BayesModel:
     """Fit on `inputs` (N, D) of the people in `labels`: PCA to `dims` (capped by the faces and D), the
-    within-person covariance shrunk by `shrink` toward its mean variance (a sample covariance of a few
-    thousand faces is noisy in its small directions, which the inverse would blow up), the identity
-    covariance from the means of people with 2+ faces; then standardized on impostor pairs."""
+    within-person covariance from people with 2+ faces, shrunk by `shrink` toward its mean variance (a
+    sample covariance of a few thousand faces is noisy in its small directions, which the inverse would
+    blow up), the identity covariance from every person's mean; then standardized on impostor pairs.
+
+    People with a single face help too: they say nothing about within-person variation, but each is one
+    more draw of how people differ. A person's mean of n faces spreads by S_b + S_w / n, so the identity
+    covariance is the means' covariance less S_w times the mean of 1/n (unbiased where most people have
+    two faces, whose means carry half of S_w)."""
     names, classes = np.unique(labels, return_inverse=True)
     sizes = np.bincount(classes)
     repeated = sizes >= 2
@@ -112,18 +117,35 @@ def fit(inputs: np.ndarray, labels: np.ndarray, dims: int, shrink: float, seed: 
     _, _, rows = np.linalg.svd(data - mean, full_matrices=False)
     basis = rows[:dims].T
     reduced = (data - mean) @ basis
-    centroids = np.zeros((len(names), dims))
-    np.add.at(centroids, classes, reduced)
-    centroids /= sizes[:, None]
-    within_offsets = reduced - centroids[classes]
-    within = within_offsets.T @ within_offsets / len(reduced)
-    within = (1 - shrink) * within + shrink * np.trace(within) / dims * np.eye(dims)
-    identities = centroids[repeated] - centroids[repeated].mean(axis=0)
-    between = identities.T @ identities / len(identities)
+    between, within = covariances(reduced, classes, shrink)
     model = from_covariances(between, within)
     model = BayesModel(mean, basis, model.cross, model.quadratic)
     _standardize(model, model.vectors(inputs), labels, seed)
     return model
+
+
+def covariances(reduced: np.ndarray, classes: np.ndarray, shrink: float) -> tuple[np.ndarray, np.ndarray]:
+    """The identity (between) and within-person covariances of centred vectors `reduced` (N, k) of the
+    people numbered `classes` (0..P-1, every number present), the within one shrunk by `shrink`."""
+    sizes = np.bincount(classes)
+    dims = reduced.shape[1]
+    centroids = np.zeros((len(sizes), dims))
+    np.add.at(centroids, classes, reduced)
+    centroids /= sizes[:, None]
+    within_offsets = reduced - centroids[classes]
+    # degrees of freedom: a person of n faces varies in n - 1 of them (single faces in none)
+    within = within_offsets.T @ within_offsets / (len(reduced) - len(sizes))
+    within = (1 - shrink) * within + shrink * np.trace(within) / dims * np.eye(dims)
+    identities = centroids - centroids.mean(axis=0)
+    between = identities.T @ identities / len(identities) - within * np.mean(1.0 / sizes)
+    return _positive_definite(between), within
+
+
+def _positive_definite(covariance: np.ndarray, floor: float = 1e-6) -> np.ndarray:
+    """The covariance with eigenvalues raised to `floor` times the largest: subtracting the means' own
+    noise can leave a few of the smallest directions slightly negative."""
+    values, axes = np.linalg.eigh(covariance)
+    return (axes * np.clip(values, floor * values.max(), None)) @ axes.T
 
 
 def _standardize(model: BayesModel, vectors: np.ndarray, labels: np.ndarray, seed: int) -> None:

@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 
@@ -34,6 +42,9 @@ def _off_from_yaml(value: Any) -> Any:
 
 AlignAmp = Annotated[Literal["auto", "bf16", "off"], BeforeValidator(_off_from_yaml)]
 TrainAmp = Annotated[Literal["auto", "bf16", "fp16", "off"], BeforeValidator(_off_from_yaml)]
+
+FACE_SIZE = 112  # aligned faces are FACE_SIZE x FACE_SIZE (arcface.models.backbones.INPUT_SIZE)
+MIN_CROP = 16  # pixels: the smallest train.crop side
 
 # Kept in step with arcface.models.backbones.BACKBONES (a test checks they agree); listing the names
 # here keeps loading params free of a torch import.
@@ -138,6 +149,9 @@ class TrainParams(_Section):
     ema_decay: float = Field(0.0, ge=0, lt=1)  # per-step decay of the weight average that embeds (0: off)
     sam_rho: float = Field(0.0, ge=0, le=10)  # sharpness-aware minimization's neighbourhood radius (0: off)
     dropout: float = Field(0.0, ge=0, lt=1)
+    # the trunk sees only this box of the 112x112 aligned face (top, bottom, left, right pixels), resized
+    # to 112x112; None: the whole face
+    crop: tuple[int, int, int, int] | None = Field(None, strict=False)
     flip: bool = True  # random horizontal flips
     shift: int = Field(0, ge=0, le=32)  # random translations of up to this many pixels
     zoom: float = Field(0.0, ge=0, lt=1)  # random zoom factors in [1 - zoom, 1 + zoom]
@@ -157,6 +171,20 @@ class TrainParams(_Section):
     # A second trunk per group, trained after the first with these train values over this section's; embed
     # joins the two trunks' vectors (an ensemble). Its time_budget_minutes counts both trunks together.
     companion: dict[str, Any] = {}
+
+    @field_validator("crop")
+    @classmethod
+    def _box_inside_the_face(cls, box: tuple[int, int, int, int] | None) -> tuple[int, int, int, int] | None:
+        if box is not None:
+            top, bottom, left, right = box
+            if not (0 <= top < bottom <= FACE_SIZE and 0 <= left < right <= FACE_SIZE):
+                raise ValueError(
+                    f"[top, bottom, left, right] must lie in the {FACE_SIZE}x{FACE_SIZE} face, with "
+                    "top < bottom and left < right"
+                )
+            if min(bottom - top, right - left) < MIN_CROP:
+                raise ValueError(f"the box must be at least {MIN_CROP} pixels on each side")
+        return box
 
     @model_validator(mode="after")
     def _one_epoch_shape(self) -> TrainParams:

@@ -151,7 +151,8 @@ def run(params: EmbedParams, aligned_dir: Path, models_dir: Path, out_dir: Path)
             bayes_input = None
             if params.bayes:
                 bayes_input = primary
-                bayes_model = _fit_bayes(params, vectors[bayes_input], labels, sample)
+                people = np.union1d(sample, _spare_sample(folder, labels))
+                bayes_model = _fit_bayes(params, vectors[bayes_input], labels, people)
                 vectors["bayes"] = bayes_model.vectors(vectors[bayes_input])
                 bayes_model.save(target / BAYES_FILE)
                 primary = "bayes"
@@ -225,6 +226,15 @@ def _fit_sample(folder: Path, labels: np.ndarray) -> np.ndarray:
     return positions[texture.fit_rows(labels[positions])]
 
 
+def _spare_sample(folder: Path, labels: np.ndarray) -> np.ndarray:
+    """Positions (in `labels`) of the faces of people the model neither trained on nor is scored on: those
+    with too few faces to train (split.json's `too_small`; none in a split.json written before it was
+    recorded). The Joint Bayesian model learns from them how people differ."""
+    spare = read_json(folder / SPLIT_FILE).get("too_small", [])
+    positions = np.flatnonzero(np.isin(labels, spare))
+    return positions[texture.fit_rows(labels[positions])]
+
+
 def _fit_texture(
     params: EmbedParams,
     faces: np.ndarray,
@@ -261,14 +271,17 @@ def _fit_texture(
 def _fit_bayes(
     params: EmbedParams, vectors: np.ndarray, labels: np.ndarray, sample: np.ndarray
 ) -> bayes.BayesModel:
-    """The Joint Bayesian model of `vectors` fit on the faces at positions `sample`."""
+    """The Joint Bayesian model of `vectors` fit on the faces at positions `sample` (of the people the
+    model trained on and the spare ones)."""
     model = bayes.fit(vectors[sample], labels[sample], params.bayes_dims, params.bayes_shrink)
+    _, faces_per_person = np.unique(labels[sample], return_counts=True)
     logger.info(
-        "bayes: %d-d -> %d-d Joint Bayesian model fit on %d faces of %d people",
+        "bayes: %d-d -> %d-d Joint Bayesian model fit on %d faces of %d people (%d with one face)",
         vectors.shape[1],
         model.basis.shape[1],
         len(sample),
-        len(np.unique(labels[sample])),
+        len(faces_per_person),
+        int((faces_per_person == 1).sum()),
     )
     return model
 

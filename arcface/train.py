@@ -143,7 +143,7 @@ class TrainingState:
 def build_state(params: TrainParams, num_classes: int, steps_per_epoch: int, seed: int) -> TrainingState:
     """Fresh backbone and head, the optimizer (no weight decay on BN and biases) and the schedule."""
     torch.manual_seed(seed)
-    backbone = build_backbone(params.backbone, params.embedding_size, params.dropout)
+    backbone = build_backbone(params.backbone, params.embedding_size, params.dropout, params.crop)
     if params.init_checkpoint:
         load_backbone_weights(backbone, Path(params.init_checkpoint))
     head = NormalizedLinear(params.embedding_size, num_classes)
@@ -576,7 +576,8 @@ def load_backbone(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Mo
     """The trained backbone in eval mode, and the checkpoint it came from."""
     payload = load_checkpoint(path, device)
     settings = payload["train_params"]
-    model = build_backbone(settings["backbone"], settings["embedding_size"], settings["dropout"])
+    crop = settings.get("crop")  # absent from checkpoints written before train.crop
+    model = build_backbone(settings["backbone"], settings["embedding_size"], settings["dropout"], crop)
     model.load_state_dict(embedding_weights(payload))
     return model.to(device).eval(), payload
 
@@ -796,6 +797,9 @@ def _write_model_folder(folder: Path, progress: Path, result: TrainResult) -> No
             "identities": split.classes,
             "excluded_identities": split.excluded_identities,
             "too_small_identities": split.too_small_identities,
+            # people neither trained on nor scored: the Joint Bayesian model's estimate of how people
+            # differ uses them too (embed.bayes)
+            "too_small": split.too_small,
         },
     )
 

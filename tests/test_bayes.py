@@ -113,3 +113,40 @@ def test_too_few_repeated_people_are_refused() -> None:
     faces = np.random.default_rng(4).normal(size=(5, 3))
     with pytest.raises(bayes.BayesError, match="at least 2 training people with 2\\+ faces \\(got 1 of 4"):
         bayes.fit(faces, np.array(["a", "a", "b", "c", "d"]), dims=3, shrink=0.1)
+
+
+def test_the_identity_covariance_is_unbiased_with_two_face_and_single_face_people() -> None:
+    """A mean of two faces spreads by S_b + S_w / 2: the naive covariance of the means overstates how
+    people differ by half the within-person variation; the fit takes it out, and single faces (which
+    spread by S_b + S_w) count as people too."""
+    rng = np.random.default_rng(5)
+    between, within = np.diag([1.0, 0.5, 2.0]), np.diag([1.5, 1.0, 0.5])
+    pairs, pair_labels = _people(rng, between, within, people=6000, faces=2)
+    singles, _ = _people(rng, between, within, people=6000, faces=1)
+    faces = np.concatenate([pairs, singles])
+    classes = np.concatenate([pair_labels, 6000 + np.arange(6000)])
+    got_between, got_within = bayes.covariances(faces - faces.mean(axis=0), classes, shrink=0.0)
+    assert np.abs(got_within - within).max() < 0.06
+    assert np.abs(got_between - between).max() < 0.1
+    means = pairs.reshape(6000, 2, 3).mean(axis=1)
+    assert np.abs(np.cov(means.T) - between).max() > 0.6  # what the correction takes out: S_w / 2
+
+
+def test_single_face_people_sharpen_a_model_of_few_repeated_people() -> None:
+    rng = np.random.default_rng(6)
+    between, within = _covariances(rng, 8)
+    repeated, labels = _people(rng, between, within, people=20, faces=2)
+    singles, _ = _people(rng, between, within, people=2000, faces=1)
+    test, _ = _people(rng, between, within, people=300, faces=2)
+    person = np.arange(300) * 2
+    first, second = np.r_[person, person], np.r_[person + 1, np.roll(person, 1) + 1]
+    same = np.r_[np.ones(300, bool), np.zeros(300, bool)]
+    folds = np.arange(600) % 10
+
+    def auc(model: bayes.BayesModel) -> float:
+        vectors = model.vectors(test)
+        return verify(bayes.pair_scores(vectors[first], vectors[second]), same, folds, (1e-2,), "t").auc
+
+    alone = bayes.fit(repeated, labels, dims=8, shrink=0.1)
+    helped = bayes.fit(np.concatenate([repeated, singles]), np.r_[labels, 100 + np.arange(2000)], 8, 0.1)
+    assert auc(helped) > auc(alone) + 0.01

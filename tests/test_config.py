@@ -259,3 +259,27 @@ def test_companion_mistakes_name_the_key(tmp_path: Path, override: str, message:
     path = write(tmp_path, project_params())
     with pytest.raises(ParamsError, match=message):
         load_params(path, [override])
+
+
+OUTSIDE = r"Value error, \[top, bottom, left, right\] must lie in the 112x112 face"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.crop=[8, 88, 96, 16]", rf"train\.crop: {OUTSIDE}"),
+        ("train.crop=[0, 200, 0, 50]", rf"train\.crop: {OUTSIDE}"),
+        (
+            "train.crop=[0, 10, 0, 10]",
+            r"train\.crop: Value error, the box must be at least 16 pixels on each",
+        ),
+        ("train.companion.crop=[-4, 60, 0, 60]", rf"train: companion\.crop: {OUTSIDE}"),
+    ],
+)
+def test_a_crop_outside_the_face_or_too_small_names_the_key(
+    tmp_path: Path, override: str, message: str
+) -> None:
+    path = write(tmp_path, project_params())
+    with pytest.raises(ParamsError, match=message):
+        load_params(path, [override])
+    assert load_params(path, ["train.crop=[8, 88, 16, 96]"]).train.crop == (8, 88, 16, 96)

@@ -18,7 +18,8 @@ from arcface.embed import load_embeddings, run
 from arcface.evaluate import EvaluationError
 from arcface.evaluate import run as evaluate
 from arcface.files import read_json, sha256_file, write_json
-from arcface.train import CHECKPOINT_FILE, fit, load_checkpoint
+from arcface.models.backbones import CroppedInput
+from arcface.train import CHECKPOINT_FILE, fit, load_backbone, load_checkpoint
 
 SAMPLE_PAIRS = Path(__file__).parent / "data" / "sample" / "pairs.txt"
 
@@ -126,6 +127,33 @@ def test_texture_and_bayes_make_variants_that_evaluate_scores(
     assert not np.allclose(scores["score_bayes"], np.einsum("nd,nd->n", first, second), atol=1e-2)
 
 
+def test_the_bayes_model_also_learns_from_the_spare_people(
+    aligned_tiny: Path, models: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """People too small to train on (split.json's `too_small`) add to the Joint Bayesian fit, not to the
+    texture model's; a split.json written before they were recorded fits on the trained people alone."""
+    manifest = store.read_manifest(aligned_tiny)
+    trained = tmp_path / "models"
+    shutil.copytree(models, trained)
+    people = sorted(training_split(manifest, set(), 2).classes)
+    spare = people[-3:]  # as if these three had too few faces to train on
+    params = EmbedParams(device="cpu", texture=True, bayes=True, bayes_dims=16)
+    write_json(trained / "group-0" / "split.json", {"identities": people[:-3]})
+    run(params, aligned_tiny, trained, tmp_path / "without")
+    write_json(trained / "group-0" / "split.json", {"identities": people[:-3], "too_small": spare})
+    with caplog.at_level("INFO", logger="arcface.embed"):
+        run(params, aligned_tiny, trained, tmp_path / "with")
+    counts = manifest["identity"].value_counts()
+    faces = int(counts[people].sum())
+    assert f"Joint Bayesian model fit on {faces} faces of {len(people)} people" in caplog.text
+    without = texture.TextureModel.load(tmp_path / "without" / "group-0" / "texture.npz")
+    with_spare = texture.TextureModel.load(tmp_path / "with" / "group-0" / "texture.npz")
+    assert np.array_equal(without.projection, with_spare.projection)  # texture: trained people only
+    assert not np.allclose(
+        load_embeddings(tmp_path / "without")[0], load_embeddings(tmp_path / "with")[0], atol=1e-3
+    )
+
+
 def test_a_companion_trunk_is_ensembled_and_fused_view_by_view(
     aligned_tiny: Path, models: Path, tmp_path: Path
 ) -> None:
@@ -138,7 +166,12 @@ def test_a_companion_trunk_is_ensembled_and_fused_view_by_view(
     write_json(trained / "group-0" / "split.json", {"identities": split.classes})
     faces = np.asarray(store.open_faces(aligned_tiny)[split.rows])
     second = TrainParams(
-        backbone="resnet18-fast-half", epochs=1, batch_size=16, embedding_size=32, device="cpu"
+        backbone="resnet18-fast-half",
+        epochs=1,
+        batch_size=16,
+        embedding_size=32,
+        device="cpu",
+        crop=(8, 88, 16, 96),  # the cpu recipe's eyes-and-nose box
     )
     companion = trained / "group-0" / "companion" / CHECKPOINT_FILE
     fit(second, faces, split.labels, split.num_classes, 1, checkpoint=companion)
@@ -152,6 +185,8 @@ def test_a_companion_trunk_is_ensembled_and_fused_view_by_view(
     mean_cosine = (first @ first.T + other @ other.T) / 2
     assert np.allclose(ensemble @ ensemble.T, mean_cosine, atol=1e-5)
     assert (first.shape, other.shape) == ((80, 64), (80, 32))  # two different trunks
+    trunk, _ = load_backbone(companion)  # the box travels with the checkpoint
+    assert isinstance(trunk, CroppedInput) and trunk.box == (8, 88, 16, 96)
 
     params = EmbedParams(device="cpu", texture=True, bayes=True, bayes_dims=16)
     result = run(params, aligned_tiny, trained, tmp_path / "emb")

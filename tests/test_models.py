@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from arcface.models.backbones import BACKBONES, build_backbone, register_backbone
+from arcface.models.backbones import BACKBONES, CroppedInput, build_backbone, register_backbone
 from arcface.models.heads import NormalizedLinear
 
 
@@ -75,3 +75,21 @@ def test_normalized_head_returns_cosines() -> None:
     assert (cosine.abs() <= 1 + 1e-6).all()
     same = head(head.weight.detach()[:2] * 3.0)  # an embedding along a class centre has cos 1
     assert torch.allclose(same.diagonal(), torch.ones(2), atol=1e-5)
+
+
+def test_a_cropped_trunk_sees_only_its_box_scaled_to_the_full_input() -> None:
+    torch.manual_seed(0)
+    model = build_backbone("resnet18-fast-half", embedding_size=32, crop=(8, 88, 16, 96)).eval()
+    assert isinstance(model, CroppedInput) and model.box == (8, 88, 16, 96)
+    faces = torch.rand(2, 3, 112, 112)
+    outside = faces.clone()
+    outside[:, :, 90:, :] = 0.0  # the mouth and chin, below the box
+    outside[:, :, :, :10] = 1.0  # the left edge
+    with torch.no_grad():
+        embedding = model(faces)
+        assert torch.equal(model(outside), embedding)
+        box = torch.nn.functional.interpolate(faces[:, :, 8:88, 16:96], size=(112, 112), mode="bilinear")
+        assert torch.allclose(model.trunk(box), embedding, atol=1e-6)
+        inside = faces.clone()
+        inside[:, :, 40:50, 40:50] = 0.0  # the nose bridge, in the box
+        assert not torch.allclose(model(inside), embedding, atol=1e-3)

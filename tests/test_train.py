@@ -47,7 +47,7 @@ def test_split_leaves_out_scored_and_small_identities() -> None:
     assert split.rows.tolist() == [0, 1, 3, 4]  # the unreadable a-row and all of d are out
     assert split.labels.tolist() == [0, 0, 1, 1]
     assert split.excluded_identities == 1
-    assert split.too_small_identities == 1  # c has one image
+    assert split.too_small == ["c"] and split.too_small_identities == 1  # c has one image
 
 
 def test_batches_depend_only_on_seed_and_epoch() -> None:

@@ -26,11 +26,15 @@ class TrainingSplit:
     labels: np.ndarray  # (N,) int64 in [0, C)
     classes: list[str]
     excluded_identities: int  # identities left out because the evaluation scores them
-    too_small_identities: int  # identities left out for having fewer than the minimum images
+    too_small: list[str]  # identities left out for having fewer than the minimum images (not scored either)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def too_small_identities(self) -> int:
+        return len(self.too_small)
 
 
 def training_split(
@@ -53,7 +57,7 @@ def training_split(
         labels=kept["identity"].map(class_of).to_numpy(dtype=np.int64),
         classes=kept_names,
         excluded_identities=len(set(usable["identity"]) & excluded),
-        too_small_identities=int((counts < min_images_per_identity).sum()),
+        too_small=sorted(counts[counts < min_images_per_identity].index),
     )
 
 

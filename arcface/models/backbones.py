@@ -8,9 +8,10 @@ field's standard embedding head: BN → dropout → flatten → FC → BN (no Re
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
@@ -31,14 +32,38 @@ def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]
     return decorate
 
 
-def build_backbone(name: str, embedding_size: int = 512, dropout: float = 0.0) -> nn.Module:
-    """Instantiate a registered backbone with randomly initialized weights."""
+def build_backbone(
+    name: str, embedding_size: int = 512, dropout: float = 0.0, crop: Sequence[int] | None = None
+) -> nn.Module:
+    """Instantiate a registered backbone with randomly initialized weights; with `crop` (top, bottom, left,
+    right pixels of the 112×112 face), one that sees only that box, resized to 112×112."""
     try:
         factory = BACKBONES[name]
     except KeyError:
         known = ", ".join(sorted(BACKBONES))
         raise ValueError(f"unknown backbone {name!r} (known: {known})") from None
-    return factory(embedding_size=embedding_size, dropout=dropout)
+    trunk = factory(embedding_size=embedding_size, dropout=dropout)
+    return CroppedInput(trunk, crop) if crop is not None else trunk
+
+
+class CroppedInput(nn.Module):
+    """A trunk that looks at one box of the aligned face, scaled back up to the full input size.
+
+    Why: a second trunk on a part of the face (say the eyes and nose, without the jaw line, mouth and
+    background) errs on other pairs than one on the whole face, so their ensemble gains more than two
+    whole-face trunks (README, "Model quality"). Being part of the model, the crop travels with the
+    checkpoint: embed, the index and search feed it whole faces like any other trunk."""
+
+    def __init__(self, trunk: nn.Module, box: Sequence[int]) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.box = tuple(int(v) for v in box)  # top, bottom, left, right
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        top, bottom, left, right = self.box
+        part = images[:, :, top:bottom, left:right]
+        part = F.interpolate(part, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return self.trunk(part)
 
 
 class EmbeddingHead(nn.Module):
