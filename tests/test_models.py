@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from arcface.models.backbones import BACKBONES, CroppedInput, build_backbone, register_backbone
+from arcface.config import FACE_SIZE
+from arcface.models.backbones import BACKBONES, INPUT_SIZE, CroppedInput, build_backbone, register_backbone
 from arcface.models.heads import NormalizedLinear
 
 
@@ -93,3 +94,8 @@ def test_a_cropped_trunk_sees_only_its_box_scaled_to_the_full_input() -> None:
         inside = faces.clone()
         inside[:, :, 40:50, 40:50] = 0.0  # the nose bridge, in the box
         assert not torch.allclose(model(inside), embedding, atol=1e-3)
+
+
+def test_the_params_face_size_is_the_backbones_input_size() -> None:
+    """config.py keeps its own copy (loading params imports no torch) to check train.crop boxes."""
+    assert FACE_SIZE == INPUT_SIZE
