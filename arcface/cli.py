@@ -66,11 +66,15 @@ def _train(args: argparse.Namespace) -> int:
             f"{result.split.num_classes} identities: loss {last.loss:.4f}, train accuracy "
             f"{last.accuracy:.3f} -> {result.checkpoint}"
         )
-        if result.companion_history:
-            last = result.companion_history[-1]
+        trunks = params.train.companion_trunks()
+        for trunk, history, path in zip(
+            trunks, result.companion_histories, result.companion_checkpoints, strict=True
+        ):
+            last = history[-1]
+            box = f" on the box {list(trunk.crop)}" if trunk.crop else ""
             print(
-                f"  and its companion, {params.train.companion_params().backbone}: loss {last.loss:.4f}, "
-                f"train accuracy {last.accuracy:.3f} -> {result.companion_checkpoint}"
+                f"  and a companion, {trunk.backbone}{box}: loss {last.loss:.4f}, "
+                f"train accuracy {last.accuracy:.3f} -> {path}"
             )
     return 0
 
@@ -81,7 +85,7 @@ def _embed(args: argparse.Namespace) -> int:
     result = embed.run(_params(args).embed, args.aligned, args.models, args.out)
     print(
         f"{result.count} embeddings of dimension {result.dimension} by {result.groups} model(s)"
-        f"{f' ({result.companions} with a companion trunk)' if result.companions else ''} in {result.out_dir}"
+        f"{f' ({result.companions} with companion trunks)' if result.companions else ''} in {result.out_dir}"
     )
     return 0
 

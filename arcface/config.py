@@ -168,9 +168,10 @@ class TrainParams(_Section):
     init_checkpoint: str | None = None  # backbone weights to start from (ours or a plain state_dict)
     resume: bool = True  # continue an interrupted run of the same data and params
     device: Device = "auto"
-    # A second trunk per group, trained after the first with these train values over this section's; embed
-    # joins the two trunks' vectors (an ensemble). Its time_budget_minutes counts both trunks together.
-    companion: dict[str, Any] = {}
+    # More trunks per group, trained after the first, each with its train values over this section's: a
+    # mapping for one, a list of mappings for several. Embed joins the trunks' vectors (an ensemble). Each
+    # one's time_budget_minutes counts it and every trunk before it.
+    companion: dict[str, Any] | list[dict[str, Any]] = {}
 
     @field_validator("crop")
     @classmethod
@@ -190,29 +191,33 @@ class TrainParams(_Section):
     def _one_epoch_shape(self) -> TrainParams:
         if self.identity_cap and self.class_balance:
             raise ValueError("identity_cap and class_balance both reshape the epochs: set one of them to 0")
-        self.companion_params()  # a wrong companion value is an error now, not after the first trunk
+        self.companion_trunks()  # a wrong companion value is an error now, not after the first trunk
         return self
 
     def without_companion(self) -> TrainParams:
         """These settings for the first trunk alone."""
         return self.model_copy(update={"companion": {}})
 
-    def companion_params(self) -> TrainParams | None:
-        """The second trunk's settings (None without one): `companion`'s values over this section's."""
-        if not self.companion:
-            return None
-        # Both trunks train on one split (embed fits the texture and Bayes models on it).
+    def companion_trunks(self) -> list[TrainParams]:
+        """The further trunks' settings, in training order: each `companion` entry's values over this
+        section's (none for `{}` or `[]`)."""
+        if isinstance(self.companion, dict):
+            return [self._companion_params(self.companion, "companion")] if self.companion else []
+        return [self._companion_params(values, f"companion.{i}") for i, values in enumerate(self.companion)]
+
+    def _companion_params(self, values: dict[str, Any], where: str) -> TrainParams:
+        # Every trunk trains on one split (embed fits the texture and Bayes models on it).
         allowed = sorted(set(TrainParams.model_fields) - {"recipe", "companion", "min_images_per_identity"})
-        unknown = sorted(set(self.companion) - set(allowed))
+        unknown = sorted(set(values) - set(allowed))
         if unknown:
-            raise ValueError(f"companion.{unknown[0]}: unknown train key (allowed: {', '.join(allowed)})")
-        settings = {**self.without_companion().model_dump(), **self.companion}
+            raise ValueError(f"{where}.{unknown[0]}: unknown train key (allowed: {', '.join(allowed)})")
+        settings = {**self.without_companion().model_dump(), **values}
         try:
             return TrainParams.model_validate(settings)
         except ValidationError as err:
             first = err.errors()[0]
             key = ".".join(str(part) for part in first["loc"])
-            raise ValueError(f"companion.{key}: {first['msg']} (got {first.get('input')!r})") from None
+            raise ValueError(f"{where}.{key}: {first['msg']} (got {first.get('input')!r})") from None
 
 
 class EmbedParams(_Section):
@@ -293,15 +298,26 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
         node = result
         *parents, leaf = dotted.split(".")
         for depth, part in enumerate(parents):
-            child = node.get(part)
-            if child is None:
+            child = _list_item(node, part, dotted) if isinstance(node, list) else node.get(part)
+            if child is None and isinstance(node, dict):
                 child = node[part] = {}
-            if not isinstance(child, dict):
+            if not isinstance(child, dict | list):
                 prefix = ".".join(parents[: depth + 1])
                 raise ParamsError(f"override {dotted}: {prefix} is a value, not a section")
             node = child
-        node[leaf] = value
+        if isinstance(node, list):
+            _list_item(node, leaf, dotted)  # a list's item is replaced, never appended
+            node[int(leaf)] = value
+        else:
+            node[leaf] = value
     return result
+
+
+def _list_item(items: list[Any], part: str, dotted: str) -> Any:
+    """`items[part]` for an override's dotted key (train.companion.1.epochs): the part must be an index."""
+    if not part.isdigit() or int(part) >= len(items):
+        raise ParamsError(f"override {dotted}: {part!r} is not an item of a list of {len(items)}")
+    return items[int(part)]
 
 
 def load_params(
@@ -386,6 +402,9 @@ def flatten(params: Params) -> dict[str, Any]:
         if isinstance(value, dict):
             for key, child in value.items():
                 walk(f"{prefix}.{key}" if prefix else key, child)
+        elif isinstance(value, list | tuple) and any(isinstance(item, dict) for item in value):
+            for position, item in enumerate(value):  # train.companion.1.crop, one key per value
+                walk(f"{prefix}.{position}", item)
         elif isinstance(value, list | tuple):
             flat[prefix] = ",".join(str(v) for v in value)
         else:

@@ -24,14 +24,15 @@ from arcface.data import store
 from arcface.data.datasets import to_model_input
 from arcface.device import autocast, autocast_dtype, resolve_device
 from arcface.files import atomic_path, read_json, sha256_file, write_json
-from arcface.train import CHECKPOINT_FILE, COMPANION_DIR, SPLIT_FILE, group_dirs, load_backbone
+from arcface.train import CHECKPOINT_FILE, SPLIT_FILE, companion_dir, group_dirs, load_backbone
 
 logger = logging.getLogger(__name__)
 
 VARIANTS = ("flip", "plain")  # always written; with embed.texture also "texture" and "fused" (primary);
 # embed.bayes adds "bayes" (then primary): Joint Bayesian vectors of the network's or fused vectors, scored by
-# bayes.pair_scores, not by a cosine. A model with a companion trunk (train.companion) adds "companion" (its
-# vectors) and "ensemble" (both trunks', joined), which is then what the texture view fuses with.
+# bayes.pair_scores, not by a cosine. A model with companion trunks (train.companion) adds "companion",
+# "companion-2"... (their vectors, named like their folders) and "ensemble" (every trunk's, joined), which is
+# then what the texture view fuses with.
 SCORED_BY_BAYES = ("bayes",)
 ROWS_FILE = "rows.npy"
 INFO_FILE = "embed.json"
@@ -82,16 +83,19 @@ def embed_faces(
     return embed_variants(model, faces, batch_size, amp, progress, (variant,))[variant]
 
 
-def join_trunks(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """Two trunks' (N, D1), (N, D2) unit vectors -> (N, D1 + D2) unit vectors whose cosine is the mean of
-    the two trunks' cosines (the ensemble's cosine score)."""
-    return (np.concatenate([first, second], axis=1) / np.sqrt(2)).astype(np.float32)
+def join_trunks(*trunks: np.ndarray) -> np.ndarray:
+    """k trunks' (N, D1), ..., (N, Dk) unit vectors -> (N, D1 + ... + Dk) unit vectors whose cosine is the
+    mean of the trunks' cosines (the ensemble's cosine score)."""
+    return (np.concatenate(trunks, axis=1) / np.sqrt(len(trunks))).astype(np.float32)
 
 
-def companion_checkpoint(folder: Path) -> Path | None:
-    """`group-<g>/companion/checkpoint.pt` where the model has a second trunk (train.companion)."""
-    path = Path(folder) / COMPANION_DIR / CHECKPOINT_FILE
-    return path if path.exists() else None
+def companion_checkpoints(folder: Path) -> list[Path]:
+    """The further trunks' checkpoints of a model (train.companion): `group-<g>/companion/checkpoint.pt`,
+    `companion-2/`..., in training order; none without them."""
+    found = []
+    while (path := Path(folder) / companion_dir(len(found)) / CHECKPOINT_FILE).exists():
+        found.append(path)
+    return found
 
 
 def load_trunk(
@@ -109,7 +113,7 @@ class EmbedResult:
     count: int
     dimension: int
     groups: int
-    companions: int = 0  # how many of the groups' models have a second trunk (train.companion)
+    companions: int = 0  # how many of the groups' models have further trunks (train.companion)
 
 
 def run(params: EmbedParams, aligned_dir: Path, models_dir: Path, out_dir: Path) -> EmbedResult:
@@ -126,14 +130,14 @@ def run(params: EmbedParams, aligned_dir: Path, models_dir: Path, out_dir: Path)
     companions = 0
     with atomic_path(out_dir, directory=True) as temp:
         for group, folder in enumerate(models):
-            checkpoint, second = folder / CHECKPOINT_FILE, companion_checkpoint(folder)
+            checkpoint, others = folder / CHECKPOINT_FILE, companion_checkpoints(folder)
             network = "flip" if params.flip else "plain"
             vectors, trunks = _network_vectors(
-                params, network, checkpoint, second, selected, device, rows, manifest
+                params, network, checkpoint, others, selected, device, rows, manifest
             )
-            views = [vectors[network], vectors["companion"]] if second else [vectors[network]]
-            primary = "ensemble" if second else network
-            companions += second is not None
+            views = [vectors[network]] + [vectors[path.parent.name] for path in others]
+            primary = "ensemble" if others else network
+            companions += bool(others)
             target = temp / folder.name
             target.mkdir()
             if params.texture or params.bayes:
@@ -170,9 +174,9 @@ def run(params: EmbedParams, aligned_dir: Path, models_dir: Path, out_dir: Path)
                     "bayes_input": bayes_input,  # the variant the Joint Bayesian model maps (or None)
                     "variants": list(vectors),
                     "checkpoint_sha256": sha256_file(checkpoint),
-                    "companion_sha256": sha256_file(second) if second is not None else None,
+                    "companion_sha256s": [sha256_file(path) for path in others],
                     "backbone": trunks[0],
-                    "companion_backbone": trunks[1] if second else None,
+                    "companion_backbones": trunks[1:],
                 },
             )
     dimension = int(vectors[primary].shape[1])
@@ -182,7 +186,7 @@ def run(params: EmbedParams, aligned_dir: Path, models_dir: Path, out_dir: Path)
         dimension,
         primary,
         len(models),
-        f", {companions} of them with a companion trunk" if companions else "",
+        f", {companions} of them with companion trunks" if companions else "",
     )
     return EmbedResult(Path(out_dir), len(rows), dimension, len(models), companions)
 
@@ -191,25 +195,28 @@ def _network_vectors(
     params: EmbedParams,
     network: str,
     checkpoint: Path,
-    companion: Path | None,
+    companions: list[Path],
     faces: np.ndarray,
     device: torch.device,
     rows: np.ndarray,
     manifest: Any,
 ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """The first trunk's "flip" and "plain" vectors of `faces`; with a companion trunk also its `network`
-    variant's vectors ("companion") and both trunks' joined ("ensemble"). And the trunks' names."""
+    """The first trunk's "flip" and "plain" vectors of `faces`; with companion trunks also each one's
+    `network` variant's vectors (named like its folder: "companion", "companion-2"...) and every trunk's
+    joined ("ensemble"). And the trunks' names."""
     model, amp, payload = load_trunk(checkpoint, device)
     vectors = embed_variants(model, faces, params.batch_size, amp, progress=True)
     _check_finite(vectors, rows, manifest, checkpoint)
-    if companion is not None:
-        second, second_amp, second_payload = load_trunk(companion, device)
-        own = embed_variants(second, faces, params.batch_size, second_amp, True, (network,))
-        _check_finite(own, rows, manifest, companion)
-        vectors["companion"] = own[network]
-        vectors["ensemble"] = join_trunks(vectors[network], own[network])
-        return vectors, [payload["train_params"]["backbone"], second_payload["train_params"]["backbone"]]
-    return vectors, [payload["train_params"]["backbone"]]
+    names = [payload["train_params"]["backbone"]]
+    for path in companions:
+        other, other_amp, other_payload = load_trunk(path, device)
+        own = embed_variants(other, faces, params.batch_size, other_amp, True, (network,))
+        _check_finite(own, rows, manifest, path)
+        vectors[path.parent.name] = own[network]
+        names.append(other_payload["train_params"]["backbone"])
+    if companions:
+        vectors["ensemble"] = join_trunks(vectors[network], *(vectors[p.parent.name] for p in companions))
+    return vectors, names
 
 
 def _fit_sample(folder: Path, labels: np.ndarray) -> np.ndarray:

@@ -203,9 +203,9 @@ def run(params: IndexParams, embeddings_dir: Path, aligned_dir: Path, out_dir: P
         "build_seconds": round(seconds, 3),
         "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "checkpoint_sha256": embed_info["checkpoint_sha256"],
-        "companion_sha256": embed_info.get("companion_sha256"),  # the second trunk's, if any
+        "companion_sha256s": embed_info.get("companion_sha256s", []),  # the further trunks', if any
         "backbone": embed_info.get("backbone"),
-        "companion_backbone": embed_info.get("companion_backbone"),
+        "companion_backbones": embed_info.get("companion_backbones", []),
         "flip": embed_info.get("network", embed_info["primary"]) == "flip",
         "embedding": embed_info["primary"],
         "bayes_input": embed_info.get("bayes_input"),

@@ -40,14 +40,16 @@ class Layout:
     @property
     def model(self) -> Path:
         """train: `group-<g>/` (checkpoint.pt, history.csv, split.json, angles.npy) per model, groups.json;
-        with train.companion also `group-<g>/companion/` (checkpoint.pt, history.csv): the second trunk."""
+        with train.companion also `group-<g>/companion/`, `companion-2/`... (checkpoint.pt, history.csv):
+        the further trunks."""
         return self.root / "models"
 
     @property
     def embeddings(self) -> Path:
         """embed: `group-<g>/` with `flip.npy`, `plain.npy` (N×D float32), `rows.npy`, `embed.json`; with
         embed.texture also `texture.npy`, `fused.npy` and the fitted `texture.npz`; with embed.bayes
-        `bayes.npy` and `bayes.npz`; with a companion trunk `companion.npy` and `ensemble.npy`."""
+        `bayes.npy` and `bayes.npz`; with companion trunks `companion.npy`, `companion-2.npy`... and
+        `ensemble.npy`."""
         return self.root / "data" / "embeddings"
 
     @property

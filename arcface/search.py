@@ -20,7 +20,7 @@ from arcface.embed import (
     BAYES_FILE,
     SCORED_BY_BAYES,
     TEXTURE_FILE,
-    companion_checkpoint,
+    companion_checkpoints,
     embed_faces,
     join_trunks,
     load_trunk,
@@ -95,12 +95,11 @@ class FaceSearcher:
             )
         device = resolve_device(embed.device)
         self.model, self.amp, payload = load_trunk(checkpoint, device)
-        self.companion = self._companion(Path(checkpoint), index_dir, device)
+        self.companions = self._companions(Path(checkpoint), index_dir, device)
         self.texture: texture.TextureModel | None = None
         self.bayes: bayes.BayesModel | None = None
         dimension = payload["train_params"]["embedding_size"]
-        if self.companion is not None:
-            dimension += self.companion[2]["train_params"]["embedding_size"]
+        dimension += sum(payload["train_params"]["embedding_size"] for _, _, payload in self.companions)
         embedding = self.index.info.get("embedding")
         if "fused" in (embedding, self.index.info.get("bayes_input")):  # network + texture vectors
             fitted = _fitted_file(index_dir, TEXTURE_FILE, "fused (network + texture) vectors")
@@ -121,22 +120,21 @@ class FaceSearcher:
         self.flip = bool(self.index.info.get("flip", embed.flip))
         self.aligner = FaceAligner(align)
 
-    def _companion(
+    def _companions(
         self, checkpoint: Path, index_dir: Path, device: torch.device
-    ) -> tuple[torch.nn.Module, torch.dtype | None, dict] | None:
-        """The second trunk beside `checkpoint` (train.companion), checked against the one the index was
-        built with; None when neither has one."""
-        path = companion_checkpoint(checkpoint.parent)
-        expected = self.index.info.get("companion_sha256")
-        found = sha256_file(path) if path is not None else None
+    ) -> list[tuple[torch.nn.Module, torch.dtype | None, dict]]:
+        """The further trunks beside `checkpoint` (train.companion), checked against those the index was
+        built with; none when neither has them."""
+        paths = companion_checkpoints(checkpoint.parent)
+        expected = _index_companions(self.index.info)
+        found = [sha256_file(path) for path in paths]
         if found != expected:
-            built = f"with a companion trunk of sha256 {expected}" if expected else "without one"
-            has = f"a companion trunk of sha256 {found} ({path})" if found else "none"
             raise IndexMismatchError(
-                f"{index_dir} was built {built}, but {checkpoint.parent} has {has}: rebuild the index "
-                "(embed, index) or point at the models it was built from"
+                f"{index_dir} was built {_trunks_phrase(expected, 'with', 'without companion trunks')}, but "
+                f"{checkpoint.parent} has {_trunks_phrase(found, '', 'none')}: rebuild the index (embed, "
+                "index) or point at the models it was built from"
             )
-        return load_trunk(path, device) if path is not None else None
+        return [load_trunk(path, device) for path in paths]
 
     def read_face(self, photo: Path | BinaryIO, max_pixels: int | None = None) -> QueryFace:
         """Decode, detect, align and embed one photo (a path or an open binary file); photos over
@@ -150,10 +148,9 @@ class FaceSearcher:
         if detection.status != "ok":
             return QueryFace("no_face", detection.reason, image=image)
         views = [embed_faces(self.model, face[None], flip=self.flip, amp=self.amp)]
-        if self.companion is not None:
-            model, amp, _ = self.companion
+        for model, amp, _ in self.companions:
             views.append(embed_faces(model, face[None], flip=self.flip, amp=amp))
-        vector = join_trunks(*views) if self.companion is not None else views[0]
+        vector = join_trunks(*views) if self.companions else views[0]
         if self.texture is not None:
             vector = self.texture.fuse(views, self.texture.project(texture.descriptors(face[None])))
         if self.bayes is not None:
@@ -198,6 +195,22 @@ def search_photos(
     threshold = threshold_from_metrics(metrics)
     searcher = FaceSearcher(checkpoint, index_dir, params.align, params.embed, threshold)
     return searcher.search_many(photos, k or params.index.k)
+
+
+def _index_companions(info: dict) -> list[str]:
+    """The sha256s of the further trunks an index was built with (an index built before several were
+    possible names one, or none, as `companion_sha256`)."""
+    if "companion_sha256s" in info:
+        return list(info["companion_sha256s"])
+    return [info["companion_sha256"]] if info.get("companion_sha256") else []
+
+
+def _trunks_phrase(sha256s: list[str], lead: str, empty: str) -> str:
+    """'with companion trunks of sha256 a, b' (or `empty`), for a mismatch error."""
+    if not sha256s:
+        return empty
+    trunks = "companion trunks" if len(sha256s) > 1 else "a companion trunk"
+    return f"{lead} {trunks} of sha256 {', '.join(sha256s)}".strip()
 
 
 def _fitted_file(index_dir: Path, name: str, holds: str) -> Path:

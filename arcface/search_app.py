@@ -222,7 +222,7 @@ def workspace_about(index_info: dict[str, Any], checkpoint: Path, reports: Path)
     return {
         "checkpoint": str(checkpoint),
         "backbone": index_info.get("backbone"),
-        "companion_backbone": index_info.get("companion_backbone"),  # a second trunk (train.companion)
+        "companion_backbones": index_info.get("companion_backbones", []),  # further trunks (train.companion)
         "mlflow_run_id": read_json(run_file)["run_id"] if run_file.exists() else None,
         "git_commit": git_commit(),
         "dvc_aligned_md5": _aligned_md5(),

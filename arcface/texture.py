@@ -118,7 +118,7 @@ class TextureModel:
 
     mean: np.ndarray  # (D,)
     projection: np.ndarray  # (D, k): PCA basis times LDA directions
-    network_spreads: tuple[float, ...] = (1.0,)  # one per network view (two with train.companion)
+    network_spreads: tuple[float, ...] = (1.0,)  # one per network view (one per trunk)
     texture_spread: float = 1.0
 
     def project(self, descriptors: np.ndarray) -> np.ndarray:

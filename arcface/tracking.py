@@ -123,16 +123,19 @@ def log_pipeline_run(
 
 
 def _log_trunks(folder: Path) -> None:
-    """The training curves of one group's model: its trunk's, and its companion's (train.companion)."""
-    from arcface.train import COMPANION_DIR, HISTORY_FILE
+    """The training curves of one group's model: its trunk's, and its companions' (train.companion)."""
+    from arcface.train import HISTORY_FILE, companion_dir
 
     _log_history(pd.read_csv(folder / HISTORY_FILE))
-    if (folder / COMPANION_DIR / HISTORY_FILE).exists():
-        _log_history(pd.read_csv(folder / COMPANION_DIR / HISTORY_FILE), "companion_")
+    position = 0
+    while (history := folder / companion_dir(position) / HISTORY_FILE).exists():
+        _log_history(pd.read_csv(history), companion_dir(position).replace("-", "") + "_")
+        position += 1
 
 
 def _log_history(history: pd.DataFrame, prefix: str = "") -> None:
-    """Per-epoch curves of one trunk, its metric names prefixed (`companion_` for a second trunk)."""
+    """Per-epoch curves of one trunk, its metric names prefixed (`companion_`, `companion2_`... for the
+    further trunks)."""
     import mlflow
 
     for epoch in history.itertuples(index=False):

@@ -46,6 +46,13 @@ SPLIT_FILE = "split.json"
 ANGLES_FILE = "angles.npy"
 GROUPS_FILE = "groups.json"
 COMPANION_DIR = "companion"  # group-<g>/companion/: the second trunk of train.companion (checkpoint, history)
+
+
+def companion_dir(position: int) -> str:
+    """The folder of train.companion's trunk at `position` (0: `companion`, then `companion-2`, ...)."""
+    return COMPANION_DIR if position == 0 else f"{COMPANION_DIR}-{position + 1}"
+
+
 CHECKPOINT_FORMAT = 1
 
 
@@ -641,13 +648,12 @@ class TrainResult:
     checkpoint: Path
     history: list[EpochStats]
     split: TrainingSplit
-    companion_history: list[EpochStats] | None = None  # the second trunk's (train.companion), if any
+    companion_histories: tuple[list[EpochStats], ...] = ()  # the further trunks' (train.companion), in order
 
     @property
-    def companion_checkpoint(self) -> Path | None:
-        if self.companion_history is None:
-            return None
-        return self.checkpoint.parent / COMPANION_DIR / CHECKPOINT_FILE
+    def companion_checkpoints(self) -> list[Path]:
+        folder = self.checkpoint.parent
+        return [folder / companion_dir(i) / CHECKPOINT_FILE for i in range(len(self.companion_histories))]
 
 
 def run(
@@ -659,7 +665,7 @@ def run(
 ) -> list[TrainResult]:
     """Train one model per group, each on every usable face of every identity not excluded for it;
     write `out_dir/group-<g>/` (checkpoint, history, split, training angles) and `groups.json`. With
-    train.companion, a second trunk per group on the same faces, in `group-<g>/companion/`.
+    train.companion, more trunks per group on the same faces, in `group-<g>/companion/`, `companion-2/`...
 
     Per-epoch checkpoints live beside `out_dir` (`.<name>.progress/<run>/`) until every model is done, so
     an interrupted run, even one whose outputs DVC removed, resumes from its last finished epoch.
@@ -680,7 +686,7 @@ def run(
     distributed = Distributed.from_environment(resolve_device(params.train.device).type)
     all_faces = store.open_faces(aligned_dir)
     root = out_dir.parent / f".{out_dir.name}.progress"
-    first, companion = params.train.without_companion(), params.train.companion_params()
+    first, companions = params.train.without_companion(), params.train.companion_trunks()
     keys = [_run_key(first, params.seed, aligned_dir, split) for split in splits]
     if distributed.main and root.exists():
         for stale in root.iterdir():
@@ -709,13 +715,12 @@ def run(
             angles = training_angles(state.embedder, state.head, faces, split.labels)
             with atomic_path(progress / ANGLES_FILE) as temp, open(temp, "wb") as handle:
                 np.save(handle, angles)
-        companion_history = None
-        if companion is not None:
-            companion_history = _fit_companion(
-                companion, state.history, faces, split, params.seed + group, progress, group, distributed
-            )
+        histories = [state.history]
+        for position, companion in enumerate(companions):
+            where = (faces, split, params.seed + group, progress, group, distributed)
+            histories.append(_fit_companion(companion, position, histories, *where))
         checkpoint = out_dir / f"group-{group}" / CHECKPOINT_FILE
-        results.append(TrainResult(checkpoint, state.history, split, companion_history))
+        results.append(TrainResult(checkpoint, state.history, split, tuple(histories[1:])))
     if distributed.main:
         with atomic_path(out_dir, directory=True) as temp:
             for group, (result, key) in enumerate(zip(results, keys, strict=True)):
@@ -730,7 +735,8 @@ def run(
 
 def _fit_companion(
     companion: TrainParams,
-    first_history: list[EpochStats],
+    position: int,
+    earlier: list[list[EpochStats]],
     faces: np.ndarray,
     split: TrainingSplit,
     seed: int,
@@ -738,15 +744,18 @@ def _fit_companion(
     group: int,
     distributed: Distributed,
 ) -> list[EpochStats]:
-    """Train model `group`'s second trunk (train.companion) on the first's faces and classes, resumable
-    from `progress/companion/`; its history."""
-    params = _companion_budget(companion, first_history)
+    """Train model `group`'s further trunk at `position` of train.companion on the first's faces and
+    classes, after the trunks of histories `earlier`, resumable from `progress/<companion_dir>/`; its
+    history."""
+    params = _companion_budget(companion, earlier)
     if distributed.main:
         budget = params.time_budget_minutes
         logger.info(
-            "companion trunk of model %d: %s%s",
+            "companion trunk %d of model %d: %s%s%s",
+            position + 1,
             group + 1,
             params.backbone,
+            f" on the box {list(params.crop)}" if params.crop else "",
             f", {budget:.1f} min of the budget left" if budget else "",
         )
     return fit(
@@ -755,22 +764,23 @@ def _fit_companion(
         split.labels,
         split.num_classes,
         seed,
-        checkpoint=progress / COMPANION_DIR / CHECKPOINT_FILE,
-        extra={"classes": split.classes, "group": group, "companion": True},
+        checkpoint=progress / companion_dir(position) / CHECKPOINT_FILE,
+        extra={"classes": split.classes, "group": group, "companion": position + 1},
         distributed=distributed,
     ).history
 
 
-def _companion_budget(companion: TrainParams, first_history: list[EpochStats]) -> TrainParams:
-    """The companion's settings with its time budget, which counts both trunks, less the first's time."""
+def _companion_budget(companion: TrainParams, earlier: list[list[EpochStats]]) -> TrainParams:
+    """A further trunk's settings with its time budget, which counts it and the trunks before it, less
+    their time (`earlier`: their histories)."""
     if companion.time_budget_minutes <= 0:
         return companion
-    spent = sum(s.seconds for s in first_history) / 60
+    spent = sum(s.seconds for history in earlier for s in history) / 60
     left = companion.time_budget_minutes - spent
     if left <= 0:
         logger.warning(
-            "train.companion.time_budget_minutes=%g counts both trunks, and the first took %.1f min: the "
-            "companion trains one epoch",
+            "train.companion's time_budget_minutes=%g counts the trunks before it too, and they took %.1f "
+            "min: the companion trains one epoch",
             companion.time_budget_minutes,
             spent,
         )
@@ -783,11 +793,11 @@ def _write_model_folder(folder: Path, progress: Path, result: TrainResult) -> No
     os.replace(progress / CHECKPOINT_FILE, folder / CHECKPOINT_FILE)
     os.replace(progress / ANGLES_FILE, folder / ANGLES_FILE)
     pd.DataFrame([asdict(s) for s in result.history]).to_csv(folder / HISTORY_FILE, index=False)
-    if result.companion_history is not None:
-        (folder / COMPANION_DIR).mkdir()
-        os.replace(progress / COMPANION_DIR / CHECKPOINT_FILE, folder / COMPANION_DIR / CHECKPOINT_FILE)
-        history = pd.DataFrame([asdict(s) for s in result.companion_history])
-        history.to_csv(folder / COMPANION_DIR / HISTORY_FILE, index=False)
+    for position, history in enumerate(result.companion_histories):
+        name = companion_dir(position)
+        (folder / name).mkdir()
+        os.replace(progress / name / CHECKPOINT_FILE, folder / name / CHECKPOINT_FILE)
+        pd.DataFrame([asdict(s) for s in history]).to_csv(folder / name / HISTORY_FILE, index=False)
     split = result.split
     write_json(
         folder / SPLIT_FILE,

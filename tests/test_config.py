@@ -232,7 +232,7 @@ def test_a_companion_trunk_takes_its_values_over_the_train_sections(tmp_path: Pa
     path = with_recipes(tmp_path, recipe="cpu")
     companion = "train.companion={backbone: resnet50, lr: 0.02, time_budget_minutes: 60}"
     params = load_params(path, [companion, "train.companion.epochs=7"])
-    second = params.train.companion_params()
+    (second,) = params.train.companion_trunks()
     assert (second.backbone, second.lr, second.epochs, second.time_budget_minutes) == (
         "resnet50",
         0.02,
@@ -242,7 +242,38 @@ def test_a_companion_trunk_takes_its_values_over_the_train_sections(tmp_path: Pa
     assert second.weight_decay == params.train.weight_decay and second.companion == {}
     assert params.train.without_companion().companion == {} and params.train.backbone == "resnet18"
     assert flatten(params)["train.companion.backbone"] == "resnet50"  # MLflow sees each companion value
-    assert load_params(path).train.companion_params() is None
+    assert load_params(path).train.companion_trunks() == []
+
+
+def test_a_list_of_companions_trains_several_trunks_each_over_the_train_section(tmp_path: Path) -> None:
+    path = with_recipes(tmp_path, recipe="cpu")
+    boxes = "train.companion=[{crop: [8, 88, 16, 96]}, {crop: [48, 112, 8, 104], epochs: 3}]"
+    params = load_params(path, [boxes, "train.companion.1.lr=0.5"])
+    second, third = params.train.companion_trunks()
+    assert (second.crop, second.epochs, second.lr) == ((8, 88, 16, 96), params.train.epochs, params.train.lr)
+    assert (third.crop, third.epochs, third.lr) == ((48, 112, 8, 104), 3, 0.5)
+    assert (second.companion, third.companion) == ({}, {})
+    flat = flatten(params)
+    assert (flat["train.companion.0.crop"], flat["train.companion.1.lr"]) == ("8,88,16,96", 0.5)
+    assert load_params(path, ["train.companion=[]"]).train.companion_trunks() == []
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.companion.1.crop=[0, 200, 0, 50]", r"train: companion\.1\.crop: .*must lie in the 112x112"),
+        ("train.companion.1.epoch=3", r"train: companion\.1\.epoch: unknown train key"),
+        ("train.companion.2.lr=0.1", r"override train\.companion\.2\.lr: '2' is not an item of a list of 2"),
+        ("train.companion.one.lr=0.1", r"override train\.companion\.one\.lr: 'one' is not an item of a list"),
+    ],
+)
+def test_a_mistake_in_a_list_of_companions_names_its_position(
+    tmp_path: Path, override: str, message: str
+) -> None:
+    path = write(tmp_path, project_params())
+    boxes = "train.companion=[{crop: [8, 88, 16, 96]}, {crop: [48, 112, 8, 104]}]"
+    with pytest.raises(ParamsError, match=message):
+        load_params(path, [boxes, override])
 
 
 @pytest.mark.parametrize(

@@ -154,11 +154,12 @@ def test_the_bayes_model_also_learns_from_the_spare_people(
     )
 
 
-def test_a_companion_trunk_is_ensembled_and_fused_view_by_view(
+def test_companion_trunks_are_ensembled_and_fused_view_by_view(
     aligned_tiny: Path, models: Path, tmp_path: Path
 ) -> None:
-    """group-0/companion/ (train.companion) holds a second trunk: its vectors join the first's (the
-    `ensemble`, whose cosine is the mean of the two), and the texture view fuses with each by its spread."""
+    """group-0/companion/ and companion-2/ (train.companion) hold further trunks: their vectors join the
+    first's (the `ensemble`, whose cosine is the mean of the three), and the texture view fuses with each by
+    its spread."""
     manifest = store.read_manifest(aligned_tiny)
     trained = tmp_path / "models"
     shutil.copytree(models, trained)
@@ -175,16 +176,24 @@ def test_a_companion_trunk_is_ensembled_and_fused_view_by_view(
     )
     companion = trained / "group-0" / "companion" / CHECKPOINT_FILE
     fit(second, faces, split.labels, split.num_classes, 1, checkpoint=companion)
+    mouth = second.model_copy(update={"crop": (48, 112, 8, 104), "embedding_size": 16})
+    third = trained / "group-0" / "companion-2" / CHECKPOINT_FILE
+    fit(mouth, faces, split.labels, split.num_classes, 2, checkpoint=third)
     run(EmbedParams(device="cpu", texture=False, bayes=False), aligned_tiny, trained, tmp_path / "plain")
     ensemble, _, info = load_embeddings(tmp_path / "plain")
     first = load_embeddings(tmp_path / "plain", variant="flip")[0]
     other = load_embeddings(tmp_path / "plain", variant="companion")[0]
-    assert info["primary"] == "ensemble" and info["variants"] == ["flip", "plain", "companion", "ensemble"]
-    assert info["companion_sha256"] == sha256_file(companion) != info["checkpoint_sha256"]
-    assert ensemble.shape == (80, 64 + 32) and np.allclose(np.linalg.norm(ensemble, axis=1), 1, atol=1e-5)
-    mean_cosine = (first @ first.T + other @ other.T) / 2
+    last = load_embeddings(tmp_path / "plain", variant="companion-2")[0]
+    variants = ["flip", "plain", "companion", "companion-2", "ensemble"]
+    assert info["primary"] == "ensemble" and info["variants"] == variants
+    assert info["companion_sha256s"] == [sha256_file(companion), sha256_file(third)]
+    assert info["checkpoint_sha256"] not in info["companion_sha256s"]
+    assert info["companion_backbones"] == ["resnet18-fast-half", "resnet18-fast-half"]
+    assert ensemble.shape == (80, 64 + 32 + 16)
+    assert np.allclose(np.linalg.norm(ensemble, axis=1), 1, atol=1e-5)
+    mean_cosine = (first @ first.T + other @ other.T + last @ last.T) / 3
     assert np.allclose(ensemble @ ensemble.T, mean_cosine, atol=1e-5)
-    assert (first.shape, other.shape) == ((80, 64), (80, 32))  # two different trunks
+    assert (first.shape, other.shape, last.shape) == ((80, 64), (80, 32), (80, 16))  # three trunks
     trunk, _ = load_backbone(companion)  # the box travels with the checkpoint
     assert isinstance(trunk, CroppedInput) and trunk.box == (8, 88, 16, 96)
 
@@ -195,16 +204,16 @@ def test_a_companion_trunk_is_ensembled_and_fused_view_by_view(
     model = texture.TextureModel.load(tmp_path / "emb" / "group-0" / "texture.npz")
     assert (info["primary"], info["bayes_input"], result.dimension) == ("bayes", "fused", 17)
     assert (result.groups, result.companions) == (1, 1)
-    assert len(model.network_spreads) == 2 and model.network_spreads[0] != model.network_spreads[1]
-    assert fused.shape == (80, 64 + 32 + len(split.classes) - 1)
-    assert np.allclose(fused, model.fuse([first, other], textures), atol=1e-5)
+    assert len(model.network_spreads) == 3 and len(set(model.network_spreads)) == 3
+    assert fused.shape == (80, 64 + 32 + 16 + len(split.classes) - 1)
+    assert np.allclose(fused, model.fuse([first, other, last], textures), atol=1e-5)
     protocols = tmp_path / "protocols"
     protocols.mkdir()
     lines = SAMPLE_PAIRS.read_text().splitlines()
     (protocols / "pairs.txt").write_text("2\t10\n" + "\n".join(lines[1:41]) + "\n")
     evaluate(EvaluateParams(), protocols, aligned_tiny, tmp_path / "emb", tmp_path / "reports")
     metrics = read_json(tmp_path / "reports" / "metrics.json")
-    assert {"with_companion", "with_ensemble", "with_fused"} <= set(metrics)
+    assert {"with_companion", "with_companion-2", "with_ensemble", "with_fused"} <= set(metrics)
     assert metrics["with_companion"]["auc"] != metrics["with_flip"]["auc"]
 
 

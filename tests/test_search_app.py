@@ -366,7 +366,7 @@ def test_a_companion_trunk_embeds_queries_like_the_index_and_a_mismatch_is_refus
     finally:
         os.chdir(before)
     info = read_json(ensemble / "data/index/index.json")
-    assert info["companion_sha256"] == sha256_file(companion) and info["embedding"] == "bayes"
+    assert info["companion_sha256s"] == [sha256_file(companion)] and info["embedding"] == "bayes"
     service = service_of(ensemble)
     photo, identity = gallery_photo(ensemble)
     query = service.searcher.read_face(photo).vector
@@ -381,6 +381,16 @@ def test_a_companion_trunk_embeds_queries_like_the_index_and_a_mismatch_is_refus
         IndexMismatchError, match=r"built with a companion trunk of sha256 .* but .* has none"
     ):
         service_of_index(workspace, ensemble / "data/index")
-    with pytest.raises(IndexMismatchError, match=r"built without one, but .*group-0 has a companion trunk"):
+    with pytest.raises(
+        IndexMismatchError, match=r"built without companion trunks, but .*group-0 has a companion trunk of"
+    ):
         service_of_index(ensemble, workspace / "data/index")
     assert companion.exists() and (workspace / "data/index/faces.faiss").exists()
+
+
+def test_an_index_names_its_companion_trunks_also_as_written_before_there_could_be_several() -> None:
+    from arcface.search import _index_companions
+
+    assert _index_companions({"companion_sha256s": ["a", "b"]}) == ["a", "b"]
+    assert _index_companions({"companion_sha256": "a"}) == ["a"]  # one companion, an older index.json
+    assert _index_companions({"companion_sha256": None}) == _index_companions({}) == []

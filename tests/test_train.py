@@ -549,7 +549,7 @@ def test_time_left_follows_the_latest_epochs_pace() -> None:
     assert [format_duration(s) for s in (45, 750, 3900, 59.6)] == ["45s", "12m 30s", "1h 05m", "1m 00s"]
 
 
-def test_train_stage_trains_a_companion_trunk_on_the_same_faces(aligned_tiny: Path, tmp_path: Path) -> None:
+def test_train_stage_trains_companion_trunks_on_the_same_faces(aligned_tiny: Path, tmp_path: Path) -> None:
     from arcface import train
     from arcface.config import load_params
 
@@ -561,43 +561,58 @@ def test_train_stage_trains_a_companion_trunk_on_the_same_faces(aligned_tiny: Pa
             "train.epochs": 1,
             "train.batch_size": 16,
             "train.embedding_size": 64,
-            "train.companion": {"backbone": "resnet18-fast-half", "embedding_size": 32, "epochs": 2},
+            "train.companion": [
+                {"backbone": "resnet18-fast-half", "embedding_size": 32, "epochs": 2},
+                {"crop": [8, 88, 16, 96]},  # the first trunk's settings on the eyes-and-nose box
+            ],
         },
     )
     out = tmp_path / "models"
     (result,) = train.run(params, aligned_tiny, [set()], out)
     first = load_checkpoint(out / "group-0" / "checkpoint.pt")
     second = load_checkpoint(out / "group-0" / "companion" / "checkpoint.pt")
-    assert result.companion_checkpoint == out / "group-0" / "companion" / "checkpoint.pt"
+    third = load_checkpoint(out / "group-0" / "companion-2" / "checkpoint.pt")
+    assert result.companion_checkpoints == [
+        out / "group-0" / "companion" / "checkpoint.pt",
+        out / "group-0" / "companion-2" / "checkpoint.pt",
+    ]
     assert (first["train_params"]["backbone"], first["train_params"]["companion"]) == ("resnet18-fast", {})
     assert (second["train_params"]["backbone"], second["train_params"]["embedding_size"]) == (
         "resnet18-fast-half",
         32,
     )
-    assert (first["epoch"], second["epoch"]) == (1, 2)
-    assert second["classes"] == first["classes"] == result.split.classes  # one split, one set of classes
+    assert (third["train_params"]["backbone"], third["train_params"]["crop"]) == (
+        "resnet18-fast",
+        [8, 88, 16, 96],
+    )
+    assert (first["epoch"], second["epoch"], third["epoch"]) == (1, 2, 1)
+    assert second["classes"] == third["classes"] == first["classes"] == result.split.classes  # one split
     history = pd.read_csv(out / "group-0" / "companion" / "history.csv")
-    assert history["epoch"].tolist() == [1, 2] == [s.epoch for s in result.companion_history]
+    assert history["epoch"].tolist() == [1, 2] == [s.epoch for s in result.companion_histories[0]]
+    assert len(pd.read_csv(out / "group-0" / "companion-2" / "history.csv")) == 1
     assert sorted(p.name for p in (out / "group-0").iterdir()) == [
         "angles.npy",
         "checkpoint.pt",
         "companion",
+        "companion-2",
         "history.csv",
         "split.json",
     ]
     assert not (tmp_path / ".models.progress").exists()
 
 
-def test_companion_time_budget_counts_both_trunks(caplog) -> None:
+def test_companion_time_budget_counts_the_trunks_before_it(caplog) -> None:
     from arcface.train import _companion_budget
 
-    first = [EpochStats(e, 1.0, 0.5, 0.1, 100.0, 300.0) for e in (1, 2)]  # 10 minutes
+    first = [[EpochStats(e, 1.0, 0.5, 0.1, 100.0, 300.0) for e in (1, 2)]]  # 10 minutes
     companion = TrainParams(time_budget_minutes=25, **SMALL)
     assert _companion_budget(companion, first).time_budget_minutes == pytest.approx(15)
+    second = [EpochStats(1, 1.0, 0.5, 0.1, 100.0, 240.0)]  # a companion's 4 minutes: a third trunk's 11 left
+    assert _companion_budget(companion, [*first, second]).time_budget_minutes == pytest.approx(11)
     assert _companion_budget(companion.model_copy(update={"time_budget_minutes": 0.0}), first) == (
         companion.model_copy(update={"time_budget_minutes": 0.0})  # no budget: none for the companion
     )
     with caplog.at_level("WARNING", logger="arcface.train"):
         spent = _companion_budget(companion.model_copy(update={"time_budget_minutes": 8.0}), first)
     assert 0 < spent.time_budget_minutes < 0.01  # one epoch, not an unlimited run
-    assert "the first took 10.0 min: the companion trains one epoch" in caplog.text
+    assert "the trunks before it too, and they took 10.0 min: the companion trains one epoch" in caplog.text
