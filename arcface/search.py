@@ -99,7 +99,7 @@ class FaceSearcher:
         self.texture: texture.TextureModel | None = None
         self.bayes: bayes.BayesModel | None = None
         dimension = payload["train_params"]["embedding_size"]
-        dimension += sum(payload["train_params"]["embedding_size"] for _, _, payload in self.companions)
+        dimension += sum(other["train_params"]["embedding_size"] for _, _, other in self.companions)
         embedding = self.index.info.get("embedding")
         if "fused" in (embedding, self.index.info.get("bayes_input")):  # network + texture vectors
             fitted = _fitted_file(index_dir, TEXTURE_FILE, "fused (network + texture) vectors")
