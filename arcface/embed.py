@@ -24,7 +24,7 @@ from arcface.data import store
 from arcface.data.datasets import to_model_input
 from arcface.device import autocast, autocast_dtype, resolve_device
 from arcface.files import atomic_path, read_json, sha256_file, write_json
-from arcface.train import CHECKPOINT_FILE, SPLIT_FILE, companion_dir, group_dirs, load_backbone
+from arcface.train import CHECKPOINT_FILE, SPLIT_FILE, companion_folders, group_dirs, load_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +92,7 @@ def join_trunks(*trunks: np.ndarray) -> np.ndarray:
 def companion_checkpoints(folder: Path) -> list[Path]:
     """The further trunks' checkpoints of a model (train.companion): `group-<g>/companion/checkpoint.pt`,
     `companion-2/`..., in training order; none without them."""
-    found = []
-    while (path := Path(folder) / companion_dir(len(found)) / CHECKPOINT_FILE).exists():
-        found.append(path)
-    return found
+    return [trunk / CHECKPOINT_FILE for trunk in companion_folders(folder)]
 
 
 def load_trunk(

@@ -124,13 +124,11 @@ def log_pipeline_run(
 
 def _log_trunks(folder: Path) -> None:
     """The training curves of one group's model: its trunk's, and its companions' (train.companion)."""
-    from arcface.train import HISTORY_FILE, companion_dir
+    from arcface.train import HISTORY_FILE, companion_folders
 
     _log_history(pd.read_csv(folder / HISTORY_FILE))
-    position = 0
-    while (history := folder / companion_dir(position) / HISTORY_FILE).exists():
-        _log_history(pd.read_csv(history), companion_dir(position).replace("-", "") + "_")
-        position += 1
+    for trunk in companion_folders(folder):
+        _log_history(pd.read_csv(trunk / HISTORY_FILE), trunk.name.replace("-", "") + "_")
 
 
 def _log_history(history: pd.DataFrame, prefix: str = "") -> None:

@@ -53,6 +53,14 @@ def companion_dir(position: int) -> str:
     return COMPANION_DIR if position == 0 else f"{COMPANION_DIR}-{position + 1}"
 
 
+def companion_folders(model: Path) -> list[Path]:
+    """A model folder's companion trunk folders that hold a checkpoint, in training order."""
+    found: list[Path] = []
+    while (Path(model) / companion_dir(len(found)) / CHECKPOINT_FILE).exists():
+        found.append(Path(model) / companion_dir(len(found)))
+    return found
+
+
 CHECKPOINT_FORMAT = 1
 
 
