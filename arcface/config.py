@@ -160,6 +160,7 @@ class TrainParams(_Section):
     grayscale: float = Field(0.0, ge=0, le=1)  # probability of a grey copy
     blur: float = Field(0.0, ge=0, le=1)  # probability of a Gaussian blur (sigma 0.5-2 px)
     erase: float = Field(0.0, ge=0, le=1)  # probability of a grey rectangle over 2-25% of the face
+    sunglasses: float = Field(0.0, ge=0, le=1)  # probability of dark glasses painted over the aligned eyes
     min_images_per_identity: int = Field(2, ge=1, le=1000)
     identity_cap: int = Field(0, ge=0)  # per epoch at most this many faces of one identity (0: all)
     class_balance: float = Field(0.0, ge=0, le=1)  # draw a face at weight n^-this, n its identity's faces

@@ -390,6 +390,7 @@ def fit(
             params.grayscale,
             params.blur,
             params.erase,
+            params.sunglasses,
         ),
         world=distributed.world,
         rank=distributed.rank,

@@ -8,6 +8,7 @@ import torch
 from arcface.data.augment import (
     Augmentation,
     blur_images,
+    draw_sunglasses,
     erase_boxes,
     jitter_colors,
     shift_images,
@@ -118,3 +119,30 @@ def test_augmented_batches_stay_normalized_and_repeat_per_epoch() -> None:
         1
     ).all(1)
     assert 0 < grey_rows.sum() < len(stacked)  # about half were made grey
+
+
+def test_sunglasses_cover_both_eyes_and_the_bridge_and_nothing_else() -> None:
+    images = ramp(2, 112)
+    lenses = torch.tensor([[0.15, 0.1, 0.0, -0.8], [0.15, 0.1, 0.0, -0.8]])
+    painted = draw_sunglasses(images, lenses, torch.tensor([True, False]))
+    assert torch.equal(painted[1], images[1])  # not chosen: untouched
+    for x, y in ((38, 51), (73, 51), (56, 51)):  # both template eyes and the bridge between them
+        assert torch.allclose(painted[0, :, y, x], torch.tensor(-0.8))
+    for x, y in ((56, 92), (56, 72), (5, 5), (56, 30)):  # mouth, nose tip, a corner, the forehead
+        assert torch.equal(painted[0, :, y, x], images[0, :, y, x])
+    covered = (painted[0] != images[0]).any(0).float().mean()
+    assert 0.08 < covered < 0.2  # two lenses of ~pi * 0.15 * 0.1 of the face each, and a thin bridge
+
+
+def test_sunglasses_are_drawn_before_the_shift_so_they_move_with_the_face() -> None:
+    augmentation = Augmentation(flip=False, shift=6, sunglasses=0.5)
+    draws = augmentation.draw(400, torch.Generator().manual_seed(2))
+    assert abs(draws["glasses"].float().mean() - 0.5) < 0.08
+    half_width, half_height, offset, shade = draws["lens"].unbind(1)
+    assert half_width.min() >= 0.13 and half_width.max() <= 0.17 and half_height.max() <= 0.12
+    assert offset.abs().max() <= 0.02 and shade.min() >= -1.0 and shade.max() <= -0.5
+    images = torch.rand(400, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    expected = shift_images(draw_sunglasses(images, draws["lens"], draws["glasses"]), draws["shift"])
+    assert torch.equal(augmentation.apply(images, draws), expected)
+    unchanged = (augmentation.apply(images, draws) == shift_images(images, draws["shift"])).flatten(1).all(1)
+    assert torch.equal(unchanged, ~draws["glasses"])

@@ -110,6 +110,13 @@ def test_choice_error_lists_allowed_values() -> None:
         load_params(ROOT / "params.yaml", ["train.loss=triplet"])
 
 
+def test_a_probability_above_one_is_refused_by_name() -> None:
+    with pytest.raises(
+        ParamsError, match=r"train\.sunglasses: Input should be less than or equal to 1 \(got 1\.5\)"
+    ):
+        load_params(ROOT / "params.yaml", ["train.sunglasses=1.5"])
+
+
 def test_a_bare_off_means_off_though_yaml_reads_it_as_false(tmp_path: Path) -> None:
     # `--set train.amp=off` and `amp: off` in a file both reach us as the boolean False.
     params = load_params(ROOT / "params.yaml", ["train.amp=off", "align.amp=off"])

@@ -507,6 +507,7 @@ def test_checkpoints_from_before_new_train_keys_still_resume() -> None:
         "erase",
         "time_budget_minutes",
         "class_balance",
+        "sunglasses",
     )
     older = {k: v for k, v in current.items() if k not in newer_keys}
     assert _run_settings(older) == _run_settings(current)  # absent keys had their default's behaviour
@@ -514,6 +515,7 @@ def test_checkpoints_from_before_new_train_keys_still_resume() -> None:
     assert _run_settings({**current, "zoom": 0.1}) != _run_settings(current)
     assert _run_settings({**current, "erase": 0.5}) != _run_settings(current)
     assert _run_settings({**current, "class_balance": 0.5}) != _run_settings(current)
+    assert _run_settings({**current, "sunglasses": 0.2}) != _run_settings(current)
 
 
 def test_time_budget_keeps_the_epochs_that_fit_at_the_latest_pace() -> None:

@@ -13,7 +13,10 @@ pixels are transformed batch-wise on the device, with no worker processes.
   probability `grayscale` (LFW mixes colour casts and a few monochrome photos);
 - blur: with probability `blur`, a Gaussian blur of σ in [0.5, 2] pixels (LFW's small, soft JPEGs);
 - erase: with probability `erase`, one rectangle of 2–25% of the face with an aspect ratio in [1/3, 3]
-  set to mid-grey (random erasing: occlusion by hands, hair, glasses, a microphone).
+  set to mid-grey (random erasing: occlusion by hands, hair, glasses, a microphone);
+- sunglasses: with probability `sunglasses`, two dark lenses and a bridge over the aligned eyes, drawn
+  before the warp so they move with the face (a third of the pairs every trained trunk gets wrong have
+  dark glasses in one photo: the eyes, the most telling part, are what they hide).
 """
 
 from __future__ import annotations
@@ -29,6 +32,14 @@ LUMA = (0.299, 0.587, 0.114)
 BLUR_SIGMA = (0.5, 2.0)  # pixels of a 112x112 face: from a soft focus to a small upscaled photo
 ERASE_AREA = (0.02, 0.25)  # share of the face one erased rectangle covers
 ERASE_ASPECT = (1 / 3, 3.0)  # its height / width
+# Eye centres of the 112x112 ArcFace template (arcface.data.align) as fractions of the side; the lenses
+# are ellipses about them, sized as fractions of the side too (a lens 29-38 px wide on a 112 px face).
+EYES = ((38.29 / 112, 51.69 / 112), (73.53 / 112, 51.50 / 112))  # (x, y): left eye, right eye
+LENS_HALF_WIDTH = (0.13, 0.17)
+LENS_HALF_HEIGHT = (0.08, 0.12)
+LENS_JITTER = 0.02  # the lenses' centre moves up or down by up to this share of the side
+LENS_SHADE = (-1.0, -0.5)  # normalized grey of the lenses: black to dark grey
+BRIDGE_HALF_HEIGHT = 0.012
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,7 @@ class Augmentation:
     grayscale: float = 0.0  # probability
     blur: float = 0.0  # probability
     erase: float = 0.0  # probability
+    sunglasses: float = 0.0  # probability
 
     @property
     def warps(self) -> bool:
@@ -73,12 +85,25 @@ class Augmentation:
             height, width = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)
             top, left = uniform(0, 1) * (1 - height), uniform(0, 1) * (1 - width)
             draws["box"] = torch.stack([top, left, top + height, left + width], dim=1)  # image fractions
+        if self.sunglasses:
+            draws["glasses"] = torch.rand(count, generator=generator) < self.sunglasses
+            draws["lens"] = torch.stack(
+                [
+                    uniform(*LENS_HALF_WIDTH),
+                    uniform(*LENS_HALF_HEIGHT),
+                    uniform(-LENS_JITTER, LENS_JITTER),
+                    uniform(*LENS_SHADE),
+                ],
+                dim=1,
+            )
         return draws
 
     def apply(self, images: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Tensor:
         """Augment (B, 3, H, W) images normalized to [-1, 1) with their faces' draws (on the device)."""
         if self.flip:
             images = torch.where(draws["flip"][:, None, None, None], images.flip(3), images)
+        if "glasses" in draws:
+            images = draw_sunglasses(images, draws["lens"], draws["glasses"])
         if "zoom" in draws:
             images = warp_images(images, draws["shift"], draws["zoom"], draws["angle"])
         elif self.shift:
@@ -187,3 +212,23 @@ def erase_boxes(images: torch.Tensor, boxes: torch.Tensor, chosen: torch.Tensor)
     inside_cols = (cols[None] >= boxes[:, 1:2]) & (cols[None] < boxes[:, 3:4])  # (B, W)
     inside = inside_rows[:, :, None] & inside_cols[:, None, :] & chosen.to(images.device)[:, None, None]
     return images.masked_fill(inside[:, None], 0.0)
+
+
+def draw_sunglasses(images: torch.Tensor, lenses: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """Paint dark glasses on each chosen aligned face: two elliptical lenses about the template's eyes and
+    a bridge between them, in one flat shade. `lenses` rows: half-width, half-height, vertical offset (as
+    fractions of the side) and shade (normalized grey). (B, 3, H, W), (B, 4), (B,) -> (B, 3, H, W)."""
+    _, _, height, width = images.shape
+    lenses = lenses.to(images.device, torch.float32)
+    half_width, half_height, offset, shade = (lenses[:, i, None, None] for i in range(4))
+    rows = ((torch.arange(height, device=images.device, dtype=torch.float32) + 0.5) / height)[None, :, None]
+    cols = ((torch.arange(width, device=images.device, dtype=torch.float32) + 0.5) / width)[None, None, :]
+    covered = torch.zeros(len(images), height, width, dtype=torch.bool, device=images.device)
+    for eye_x, eye_y in EYES:
+        covered |= ((cols - eye_x) / half_width) ** 2 + ((rows - eye_y - offset) / half_height) ** 2 <= 1
+    bridge_y = sum(y for _, y in EYES) / 2 + offset
+    between = (cols > EYES[0][0]) & (cols < EYES[1][0])
+    covered |= between & ((rows - bridge_y).abs() <= BRIDGE_HALF_HEIGHT)
+    covered &= chosen.to(images.device)[:, None, None]
+    shaded = shade.to(images.dtype).expand(-1, height, width)[:, None].expand_as(images)
+    return torch.where(covered[:, None], shaded, images)
