@@ -27,14 +27,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from arcface.data.align import ARCFACE_TEMPLATE, FACE_SIZE
+
 # ITU-R BT.601 luma weights: the grey a television (and PIL's "L" mode) makes of RGB.
 LUMA = (0.299, 0.587, 0.114)
 BLUR_SIGMA = (0.5, 2.0)  # pixels of a 112x112 face: from a soft focus to a small upscaled photo
 ERASE_AREA = (0.02, 0.25)  # share of the face one erased rectangle covers
 ERASE_ASPECT = (1 / 3, 3.0)  # its height / width
-# Eye centres of the 112x112 ArcFace template (arcface.data.align) as fractions of the side; the lenses
-# are ellipses about them, sized as fractions of the side too (a lens 29-38 px wide on a 112 px face).
-EYES = ((38.29 / 112, 51.69 / 112), (73.53 / 112, 51.50 / 112))  # (x, y): left eye, right eye
+# Eye centres of the ArcFace template as fractions of the side, (x, y) of the left and right eye; the
+# lenses are ellipses about them, sized as fractions of the side too (29-38 px wide on a 112 px face).
+EYES = tuple((float(x) / FACE_SIZE, float(y) / FACE_SIZE) for x, y in ARCFACE_TEMPLATE[:2])
 LENS_HALF_WIDTH = (0.13, 0.17)
 LENS_HALF_HEIGHT = (0.08, 0.12)
 LENS_JITTER = 0.02  # the lenses' centre moves up or down by up to this share of the side
