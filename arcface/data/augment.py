@@ -232,5 +232,4 @@ def draw_sunglasses(images: torch.Tensor, lenses: torch.Tensor, chosen: torch.Te
     between = (cols > EYES[0][0]) & (cols < EYES[1][0])
     covered |= between & ((rows - bridge_y).abs() <= BRIDGE_HALF_HEIGHT)
     covered &= chosen.to(images.device)[:, None, None]
-    shaded = shade.to(images.dtype).expand(-1, height, width)[:, None].expand_as(images)
-    return torch.where(covered[:, None], shaded, images)
+    return torch.where(covered[:, None], shade[:, None].to(images.dtype), images)  # (B, 1, 1, 1) shade
