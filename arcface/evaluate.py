@@ -64,6 +64,9 @@ class VerificationReport:
     auc: float
     eer: float
     tar_at_far: dict[str, float]  # "0.001" -> true accept rate at that false accept rate
+    # 95% Wilson interval of the accuracy over the scored pairs (thresholds held): how far another draw of
+    # as many pairs could move it. None in metrics.json written before it was reported.
+    accuracy_ci95: tuple[float, float] | None = None
     unscorable_pairs: int = 0
     folds: list[FoldResult] = field(default_factory=list)
 
@@ -77,9 +80,14 @@ class VerificationReport:
         unscorable = f", {self.unscorable_pairs} unscorable (counted wrong)" if self.unscorable_pairs else ""
         models = len({f.group for f in self.folds})
         by = f", {models} cross-trained models" if models > 1 else ""
+        interval = ""
+        if self.accuracy_ci95 is not None:
+            interval = (
+                f" (95% interval over the pairs {self.accuracy_ci95[0]:.4f}-{self.accuracy_ci95[1]:.4f})"
+            )
         return (
             f"{self.protocol}: accuracy {self.accuracy_mean:.4f} ± {self.accuracy_std:.4f} over "
-            f"{len(self.folds)} fold(s), {self.pairs} pairs{by}{unscorable}\n"
+            f"{len(self.folds)} fold(s), {self.pairs} pairs{interval}{by}{unscorable}\n"
             f"  ROC AUC {self.auc:.4f}, EER {self.eer:.4f}, {tars}, threshold {self.threshold:.4f}"
         )
 
@@ -94,6 +102,8 @@ class VerificationReport:
             "eer": self.eer,
             "unscorable_pairs": self.unscorable_pairs,
         }
+        if self.accuracy_ci95 is not None:
+            flat["accuracy_ci95_low"], flat["accuracy_ci95_high"] = self.accuracy_ci95
         flat.update({f"tar_at_far_{far}": tar for far, tar in self.tar_at_far.items()})
         return flat
 
@@ -118,6 +128,21 @@ def best_threshold(scores: np.ndarray, same: np.ndarray) -> tuple[float, float]:
     upper = sorted_scores[index] if index < len(scores) else sorted_scores[-1] + 1e-6
     lower = sorted_scores[index - 1] if index > 0 else upper - 1e-6
     return float((lower + upper) / 2), float(correct[best] / len(scores))
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion `correct` / `total` (95% at z = 1.96).
+
+    Unlike the plain ± z·sqrt(p(1-p)/n) it stays inside [0, 1] and does not shrink to nothing when every
+    pair is right, which on a few dozen pairs is common. It treats pairs as independent draws, which LFW's
+    are not quite (a person appears in several pairs), so the true spread is a little wider."""
+    if total <= 0:
+        return 0.0, 1.0
+    rate = correct / total
+    spread = z * z / total
+    centre = (rate + spread / 2) / (1 + spread)
+    half = z * np.sqrt(rate * (1 - rate) / total + spread / (4 * total)) / (1 + spread)
+    return float(max(centre - half, 0.0)), float(min(centre + half, 1.0))
 
 
 def accuracy_at(scores: np.ndarray, same: np.ndarray, threshold: float) -> float:
@@ -179,6 +204,7 @@ def verify(
     worst = worst_score(scores[~unscorable])
     scores = np.where(unscorable, np.where(same, -worst, worst), scores)
     results = []
+    right = 0
     for fold in np.unique(folds):
         held = folds == fold
         group = int(groups[held][0])
@@ -188,6 +214,7 @@ def verify(
             choosing = ~held & (groups == group) & ~unscorable
             threshold, _ = best_threshold(scores[choosing], same[choosing])
         correct = ((scores[held] >= threshold) == same[held]) & ~unscorable[held]
+        right += int(correct.sum())
         results.append(FoldResult(int(fold), group, threshold, float(correct.mean()), int(held.sum())))
     auc, eer, tars = roc_summary(roc_curve(scores, same), far_targets)
     accuracies = [r.accuracy for r in results]
@@ -200,6 +227,7 @@ def verify(
         auc=auc,
         eer=eer,
         tar_at_far=tars,
+        accuracy_ci95=wilson_interval(right, len(scores)),
         unscorable_pairs=int(unscorable.sum()),
         folds=results,
     )
@@ -417,7 +445,7 @@ def _write_outputs(
         else:
             plots.score_histogram(scores, same, report.threshold, temp)
     with atomic_path(out_dir / FOLDS_PLOT) as temp:
-        plots.fold_accuracy(folds, report.accuracy_mean, temp)
+        plots.fold_accuracy(folds, report.accuracy_mean, temp, report.accuracy_ci95)
     angles = _training_angles(models_dir) if models_dir is not None else {}
     if angles:
         with atomic_path(out_dir / ANGLES_PLOT) as temp:
@@ -472,6 +500,12 @@ def verify_bin_set(
     return reports
 
 
+def _interval(metrics: dict[str, Any]) -> tuple[float, float] | None:
+    if "accuracy_ci95_low" not in metrics:
+        return None
+    return metrics["accuracy_ci95_low"], metrics["accuracy_ci95_high"]
+
+
 def format_metrics(metrics: dict[str, Any]) -> str:
     """metrics.json as the two summary lines (for the flow's command line)."""
     folds = [FoldResult(**{k: v for k, v in f.items() if k != "model"}) for f in metrics["folds"]]
@@ -485,6 +519,7 @@ def format_metrics(metrics: dict[str, Any]) -> str:
         auc=metrics["auc"],
         eer=metrics["eer"],
         tar_at_far=tars,
+        accuracy_ci95=_interval(metrics),
         unscorable_pairs=metrics["unscorable_pairs"],
         folds=folds,
     )

@@ -59,8 +59,11 @@ def score_histogram(
     figure.savefig(path, format="png")
 
 
-def fold_accuracy(folds: pd.DataFrame, mean: float, path: Path) -> None:
-    """Accuracy of every fold, coloured by the model (cross-training group) that scored it."""
+def fold_accuracy(
+    folds: pd.DataFrame, mean: float, path: Path, interval: tuple[float, float] | None = None
+) -> None:
+    """Accuracy of every fold, coloured by the model (cross-training group) that scored it, with the
+    accuracy's 95% interval over the pairs as a grey band when given."""
     figure = Figure(figsize=(5.5, 3.6), dpi=120)
     axis = figure.subplots()
     colours = [f"C{group}" for group in folds["group"]]
@@ -68,7 +71,15 @@ def fold_accuracy(folds: pd.DataFrame, mean: float, path: Path) -> None:
     axis.bar(positions, folds["accuracy"], color=colours)
     axis.set_xticks(positions, [str(fold) for fold in folds["fold"]])
     axis.axhline(mean, color="k", ls="--", lw=1, label=f"mean {mean:.4f}")
-    low = max(0.0, float(folds["accuracy"].min()) - 0.05)
+    if interval is not None:
+        label = f"95% interval over the pairs {interval[0]:.4f}-{interval[1]:.4f}"
+        axis.axhspan(*interval, color="0.5", alpha=0.2, lw=0, label=label)
+    lowest = (
+        float(folds["accuracy"].min())
+        if interval is None
+        else min(float(folds["accuracy"].min()), interval[0])
+    )
+    low = max(0.0, lowest - 0.05)
     axis.set_ylim(low, 1.0)
     axis.set_xlabel("fold (colour: model / group)")
     axis.set_ylabel("accuracy")

@@ -117,6 +117,8 @@ def _compare(grid: dict[str, list[Any]], overrides: dict[str, Any], params_file:
                 **combination,
                 "accuracy_mean": metrics["accuracy_mean"],
                 "accuracy_std": metrics["accuracy_std"],
+                "accuracy_ci95_low": metrics.get("accuracy_ci95_low"),
+                "accuracy_ci95_high": metrics.get("accuracy_ci95_high"),
                 "auc": metrics["auc"],
                 "mlflow_run_id": read_json(layout.reports / "mlflow_run.json")["run_id"],
             }
@@ -128,13 +130,22 @@ def _compare(grid: dict[str, list[Any]], overrides: dict[str, Any], params_file:
 
 
 def _table(rows: list[dict[str, Any]], grid_id: str) -> str:
-    header = "| run | accuracy | ROC AUC | MLflow run |\n|---|---|---|---|\n"
+    header = (
+        "| run | accuracy | 95% interval over the pairs | ROC AUC | MLflow run |\n|---|---|---|---|---|\n"
+    )
     body = "\n".join(
-        f"| {r['run']} | {r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f} | {r['auc']:.4f} | "
-        f"{r['mlflow_run_id']} |"
+        f"| {r['run']} | {r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f} | {_interval(r)} | "
+        f"{r['auc']:.4f} | {r['mlflow_run_id']} |"
         for r in rows
     )
+    # Runs scored on the same pairs whose intervals overlap widely are not told apart by these pairs.
     return f"grid `{grid_id}` (MLflow tag `grid`)\n\n{header}{body}"
+
+
+def _interval(row: dict[str, Any]) -> str:
+    if row.get("accuracy_ci95_low") is None:
+        return "-"
+    return f"{row['accuracy_ci95_low']:.4f}-{row['accuracy_ci95_high']:.4f}"
 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
@@ -165,10 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # Prefect has logged the failing task and its traceback above
         print(f"compare-grid failed: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
-    print(f"{'run':<28} {'accuracy':>17} {'AUC':>7}  MLflow run")
+    print(f"{'run':<28} {'accuracy':>17} {'95% interval':>13} {'AUC':>7}  MLflow run")
     for row in rows:
         accuracy = f"{row['accuracy_mean']:.4f} ± {row['accuracy_std']:.4f}"
-        print(f"{row['run']:<28} {accuracy:>17} {row['auc']:>7.4f}  {row['mlflow_run_id']}")
+        print(
+            f"{row['run']:<28} {accuracy:>17} {_interval(row):>13} {row['auc']:>7.4f}  {row['mlflow_run_id']}"
+        )
     return 0
 
 

@@ -18,11 +18,13 @@ from arcface.evaluate import (
     EvaluationError,
     accuracy_at,
     best_threshold,
+    format_metrics,
     pair_rows,
     roc_curve,
     roc_summary,
     scores_of_pairs,
     verify,
+    wilson_interval,
 )
 from arcface.protocol import plan, read_pairs_csv, training_exclusions
 
@@ -82,6 +84,47 @@ def test_folds_use_thresholds_from_the_other_folds() -> None:
     assert report.fold_accuracies == pytest.approx([1.0, 0.75, 1.0])
     assert report.accuracy_mean == pytest.approx(np.mean([1.0, 0.75, 1.0]))
     assert report.accuracy_std == pytest.approx(np.std([1.0, 0.75, 1.0]))
+
+
+def test_wilson_interval_matches_the_formula_and_stays_inside_zero_to_one() -> None:
+    # 94% of 1,000 pairs (the size of pairsDevTest): about ±1.5 points either way
+    assert wilson_interval(940, 1000) == pytest.approx((0.92353, 0.95310), abs=1e-5)
+    # every pair right is still uncertain on few pairs: the lower end is n / (n + z²)
+    assert wilson_interval(10, 10) == pytest.approx((10 / (10 + 1.96**2), 1.0))
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 1.96**2 / (10 + 1.96**2)))
+    assert wilson_interval(0, 0) == (0.0, 1.0)  # nothing scored: nothing known
+
+
+def test_report_carries_the_interval_over_its_pairs() -> None:
+    scores = np.array([0.2, 0.5, 0.3, 0.6, 0.4, 0.7, 0.2, 0.5])
+    same = np.array([False, True, False, True, False, True, False, True])
+    report = verify(scores, same, np.array([0, 0, 1, 1, 1, 1, 2, 2]), (1e-3,), "view2")
+    assert report.accuracy_ci95 == pytest.approx(wilson_interval(7, 8))  # 7 of the 8 pairs right
+    low, high = report.accuracy_ci95
+    assert low < 7 / 8 < high
+    scalars = report.scalars()
+    assert (scalars["accuracy_ci95_low"], scalars["accuracy_ci95_high"]) == (low, high)
+    assert f"95% interval over the pairs {low:.4f}-{high:.4f}" in report.summary()
+
+
+def test_format_metrics_reads_metrics_written_before_the_interval() -> None:
+    metrics = {
+        "protocol": "view2",
+        "pairs": 8,
+        "accuracy_mean": 0.875,
+        "accuracy_std": 0.1,
+        "threshold": 0.4,
+        "auc": 0.9,
+        "eer": 0.1,
+        "unscorable_pairs": 0,
+        "tar_at_far_0.001": 0.5,
+        "folds": [
+            {"fold": 0, "group": 0, "threshold": 0.4, "accuracy": 0.875, "pairs": 8, "model": "group-0"}
+        ],
+    }
+    assert "interval" not in format_metrics(metrics) and "accuracy 0.8750" in format_metrics(metrics)
+    metrics |= {"accuracy_ci95_low": 0.529, "accuracy_ci95_high": 0.978}
+    assert "95% interval over the pairs 0.5290-0.9780" in format_metrics(metrics)
 
 
 def test_cross_trained_folds_take_thresholds_from_their_own_group_only() -> None:
@@ -298,3 +341,22 @@ def test_bin_set_of_the_wrong_shape_is_refused(tmp_path: Path) -> None:
         pickle.dump(([b"a", b"b", b"c"], [True]), handle)
     with pytest.raises(BinSetError, match=r"3 images for 1 pairs"):
         load_bin(tmp_path / "count.bin")
+
+
+def test_folds_plot_shades_the_interval_over_the_pairs(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from arcface import plots
+
+    folds = pd.DataFrame({"fold": [0, 1, 2], "group": [0, 0, 0], "accuracy": [0.95, 0.96, 0.93]})
+    plain, shaded = tmp_path / "plain.png", tmp_path / "shaded.png"
+    plots.fold_accuracy(folds, 0.9467, plain)
+    plots.fold_accuracy(folds, 0.9467, shaded, (0.90, 0.97))
+    first, second = (np.asarray(Image.open(path).convert("RGB")).astype(int) for path in (plain, shaded))
+    assert first.shape == second.shape
+    # the band greys part of the white plot area; the plain plot has no such grey
+    assert _light_grey_pixels(second) > 10 * max(_light_grey_pixels(first), 100)
+
+
+def _light_grey_pixels(image: np.ndarray) -> int:
+    return int(((image > 200) & (image < 245)).all(axis=2).sum())

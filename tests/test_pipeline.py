@@ -52,6 +52,8 @@ def test_cli_stages_end_to_end_with_mlflow(
     metrics = read_json(workspace / "reports/metrics.json")
     assert metrics["pairs"] == 40 and len(metrics["folds"]) == 2 and metrics["groups"] == 1
     assert {"accuracy_mean", "auc", "eer", "tar_at_far_0.001", "tar_at_far_0.01"} <= set(metrics)
+    # two folds of 20 pairs: the pooled accuracy is the folds' mean, and the interval holds it
+    assert metrics["accuracy_ci95_low"] < metrics["accuracy_mean"] <= metrics["accuracy_ci95_high"]
     # params.yaml fuses the texture view and scores by a Joint Bayesian model of the fused vectors; the
     # other variants are still reported on their own
     assert metrics["embedding"] == "bayes"
@@ -350,6 +352,9 @@ def test_comparison_grid_makes_one_tracked_run_per_combination(
     run = by_name["softmax-resnet50-fast"]
     assert (run.data.params["train.loss"], run.data.params["train.backbone"]) == ("softmax", "resnet50-fast")
     assert run.data.metrics["accuracy_mean"] == pytest.approx(rows[1]["accuracy_mean"])
+    # each row carries the accuracy's interval over the pairs, and MLflow has it too
+    assert rows[1]["accuracy_ci95_low"] <= rows[1]["accuracy_mean"] <= rows[1]["accuracy_ci95_high"]
+    assert run.data.metrics["accuracy_ci95_high"] == pytest.approx(rows[1]["accuracy_ci95_high"])
     # Different models were trained: their embeddings differ.
     first = np.load(workspace / "runs/softmax-resnet34-fast/data/embeddings/group-0/flip.npy")
     second = np.load(workspace / "runs/arcface-resnet34-fast/data/embeddings/group-0/flip.npy")
