@@ -129,6 +129,14 @@ def _verify_bin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_reports(args: argparse.Namespace) -> int:
+    from arcface import paired
+
+    for other in args.others:
+        print(paired.compare(args.first, other).summary(str(args.first), str(other)))
+    return 0
+
+
 def _plot_angles(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -328,6 +336,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("models", type=Path, nargs="+", help="model folders (each with group-0/angles.npy)")
     sub.add_argument("--labels", nargs="+", default=None, help="a title per folder (default: folder names)")
     sub.add_argument("--out", type=Path, default=Path("angles-compared.png"), help="PNG to write")
+
+    sub = command(
+        "compare-reports",
+        _compare_reports,
+        "pair by pair: the runs after the first against the first, on the same pairs (the pairs one gets "
+        "right and the other wrong, and McNemar's exact test of that split)",
+    )
+    sub.add_argument("first", type=Path, help="reports folder (scores.csv, metrics.json) of the baseline run")
+    sub.add_argument("others", type=Path, nargs="+", help="reports folders of the runs to compare with it")
 
     sub = command("track", _track, "record the run (params, curves, metrics, plots, model) in MLflow")
     path(sub, "--model", LAYOUT.model, "model folder")

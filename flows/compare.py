@@ -29,6 +29,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from arcface import paired
 from arcface.cli import add_params_arguments
 from arcface.config import load_params, parse_override
 from arcface.files import read_json
@@ -121,6 +122,7 @@ def _compare(grid: dict[str, list[Any]], overrides: dict[str, Any], params_file:
                 "accuracy_ci95_high": metrics.get("accuracy_ci95_high"),
                 "auc": metrics["auc"],
                 "mlflow_run_id": read_json(layout.reports / "mlflow_run.json")["run_id"],
+                **_against_first(rows, layout.reports),
             }
         )
     create_markdown_artifact(
@@ -129,16 +131,35 @@ def _compare(grid: dict[str, list[Any]], overrides: dict[str, Any], params_file:
     return rows
 
 
+def _against_first(rows: list[dict[str, Any]], reports: Path) -> dict[str, Any]:
+    """The paired comparison with the grid's first run (same pairs): pairs fixed and broken, McNemar's p."""
+    if not rows:
+        return {"reports": str(reports)}
+    found = paired.compare(Path(rows[0]["reports"]), reports)
+    return {
+        "reports": str(reports),
+        "fixed_vs_first": found.fixed,
+        "broken_vs_first": found.broken,
+        "p_vs_first": found.p_value,
+    }
+
+
+def _against_first_text(row: dict[str, Any]) -> str:
+    if "p_vs_first" not in row:
+        return "baseline"
+    return f"{row['fixed_vs_first']} fixed, {row['broken_vs_first']} broken, p {row['p_vs_first']:.2g}"
+
+
 def _table(rows: list[dict[str, Any]], grid_id: str) -> str:
     header = (
-        "| run | accuracy | 95% interval over the pairs | ROC AUC | MLflow run |\n|---|---|---|---|---|\n"
+        "| run | accuracy | 95% interval over the pairs | against the first run (McNemar) | ROC AUC "
+        "| MLflow run |\n|---|---|---|---|---|---|\n"
     )
     body = "\n".join(
         f"| {r['run']} | {r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f} | {_interval(r)} | "
-        f"{r['auc']:.4f} | {r['mlflow_run_id']} |"
+        f"{_against_first_text(r)} | {r['auc']:.4f} | {r['mlflow_run_id']} |"
         for r in rows
     )
-    # Runs scored on the same pairs whose intervals overlap widely are not told apart by these pairs.
     return f"grid `{grid_id}` (MLflow tag `grid`)\n\n{header}{body}"
 
 
@@ -176,11 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # Prefect has logged the failing task and its traceback above
         print(f"compare-grid failed: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
-    print(f"{'run':<28} {'accuracy':>17} {'95% interval':>13} {'AUC':>7}  MLflow run")
+    print(
+        f"{'run':<28} {'accuracy':>17} {'95% interval':>13} {'AUC':>7}  {'MLflow run':<32}  against the first"
+    )
     for row in rows:
         accuracy = f"{row['accuracy_mean']:.4f} ± {row['accuracy_std']:.4f}"
         print(
-            f"{row['run']:<28} {accuracy:>17} {_interval(row):>13} {row['auc']:>7.4f}  {row['mlflow_run_id']}"
+            f"{row['run']:<28} {accuracy:>17} {_interval(row):>13} {row['auc']:>7.4f}  "
+            f"{row['mlflow_run_id']:<32}  {_against_first_text(row)}"
         )
     return 0
 

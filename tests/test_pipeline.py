@@ -355,6 +355,11 @@ def test_comparison_grid_makes_one_tracked_run_per_combination(
     # each row carries the accuracy's interval over the pairs, and MLflow has it too
     assert rows[1]["accuracy_ci95_low"] <= rows[1]["accuracy_mean"] <= rows[1]["accuracy_ci95_high"]
     assert run.data.metrics["accuracy_ci95_high"] == pytest.approx(rows[1]["accuracy_ci95_high"])
+    # and, after the first, its pair-by-pair comparison with the first on the same 40 pairs
+    assert "p_vs_first" not in rows[0] and all(0.0 < r["p_vs_first"] <= 1.0 for r in rows[1:])
+    for row in rows[1:]:  # two equal folds: the accuracies differ by (fixed - broken) / 40
+        gained = (row["fixed_vs_first"] - row["broken_vs_first"]) / 40
+        assert row["accuracy_mean"] - rows[0]["accuracy_mean"] == pytest.approx(gained)
     # Different models were trained: their embeddings differ.
     first = np.load(workspace / "runs/softmax-resnet34-fast/data/embeddings/group-0/flip.npy")
     second = np.load(workspace / "runs/arcface-resnet34-fast/data/embeddings/group-0/flip.npy")
