@@ -82,9 +82,8 @@ class VerificationReport:
         by = f", {models} cross-trained models" if models > 1 else ""
         interval = ""
         if self.accuracy_ci95 is not None:
-            interval = (
-                f" (95% interval over the pairs {self.accuracy_ci95[0]:.4f}-{self.accuracy_ci95[1]:.4f})"
-            )
+            low, high = self.accuracy_ci95
+            interval = f" (95% interval over the pairs {low:.4f}-{high:.4f})"
         return (
             f"{self.protocol}: accuracy {self.accuracy_mean:.4f} ± {self.accuracy_std:.4f} over "
             f"{len(self.folds)} fold(s), {self.pairs} pairs{interval}{by}{unscorable}\n"
@@ -501,9 +500,15 @@ def verify_bin_set(
 
 
 def _interval(metrics: dict[str, Any]) -> tuple[float, float] | None:
-    if "accuracy_ci95_low" not in metrics:
+    if metrics.get("accuracy_ci95_low") is None:
         return None
     return metrics["accuracy_ci95_low"], metrics["accuracy_ci95_high"]
+
+
+def interval_text(metrics: dict[str, Any]) -> str:
+    """metrics.json's (or a row's) accuracy interval as "low-high", or "-" where it was not reported."""
+    interval = _interval(metrics)
+    return "-" if interval is None else f"{interval[0]:.4f}-{interval[1]:.4f}"
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

@@ -74,12 +74,7 @@ def fold_accuracy(
     if interval is not None:
         label = f"95% interval over the pairs {interval[0]:.4f}-{interval[1]:.4f}"
         axis.axhspan(*interval, color="0.5", alpha=0.2, lw=0, label=label)
-    lowest = (
-        float(folds["accuracy"].min())
-        if interval is None
-        else min(float(folds["accuracy"].min()), interval[0])
-    )
-    low = max(0.0, lowest - 0.05)
+    low = max(0.0, min([float(folds["accuracy"].min()), *(interval or ())]) - 0.05)
     axis.set_ylim(low, 1.0)
     axis.set_xlabel("fold (colour: model / group)")
     axis.set_ylabel("accuracy")

@@ -32,6 +32,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from arcface import paired
 from arcface.cli import add_params_arguments
 from arcface.config import load_params, parse_override
+from arcface.evaluate import interval_text
 from arcface.files import read_json
 from arcface.layout import Layout
 from arcface.workspace_lock import workspace_lock
@@ -156,17 +157,11 @@ def _table(rows: list[dict[str, Any]], grid_id: str) -> str:
         "| MLflow run |\n|---|---|---|---|---|---|\n"
     )
     body = "\n".join(
-        f"| {r['run']} | {r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f} | {_interval(r)} | "
+        f"| {r['run']} | {r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f} | {interval_text(r)} | "
         f"{_against_first_text(r)} | {r['auc']:.4f} | {r['mlflow_run_id']} |"
         for r in rows
     )
     return f"grid `{grid_id}` (MLflow tag `grid`)\n\n{header}{body}"
-
-
-def _interval(row: dict[str, Any]) -> str:
-    if row.get("accuracy_ci95_low") is None:
-        return "-"
-    return f"{row['accuracy_ci95_low']:.4f}-{row['accuracy_ci95_high']:.4f}"
 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
@@ -203,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         accuracy = f"{row['accuracy_mean']:.4f} ± {row['accuracy_std']:.4f}"
         print(
-            f"{row['run']:<28} {accuracy:>17} {_interval(row):>13} {row['auc']:>7.4f}  "
+            f"{row['run']:<28} {accuracy:>17} {interval_text(row):>13} {row['auc']:>7.4f}  "
             f"{row['mlflow_run_id']:<32}  {_against_first_text(row)}"
         )
     return 0

@@ -23,7 +23,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from arcface.cli import add_params_arguments
 from arcface.config import load_params, parse_override
-from arcface.evaluate import format_metrics
+from arcface.evaluate import format_metrics, interval_text
 from arcface.files import read_json
 from arcface.layout import Layout
 from arcface.tracking import git_commit
@@ -87,19 +87,11 @@ def _run_stages(overrides: dict[str, Any], params_file: str) -> dict[str, Any]:
     return metrics
 
 
-def _interval(metrics: dict[str, Any]) -> str:
-    return f"{metrics['accuracy_ci95_low']:.4f}-{metrics['accuracy_ci95_high']:.4f}"
-
-
 def _metrics_table(metrics: dict[str, Any], run_id: str, commit: str) -> str:
     rows = [
         ("protocol", metrics["protocol"]),
         ("accuracy", f"{metrics['accuracy_mean']:.4f} ± {metrics['accuracy_std']:.4f}"),
-        *(
-            (("accuracy, 95% interval over the pairs", _interval(metrics)),)
-            if "accuracy_ci95_low" in metrics
-            else ()
-        ),
+        ("accuracy, 95% interval over the pairs", interval_text(metrics)),
         ("ROC AUC", f"{metrics['auc']:.4f}"),
         ("EER", f"{metrics['eer']:.4f}"),
         *(

@@ -19,6 +19,7 @@ from arcface.evaluate import (
     accuracy_at,
     best_threshold,
     format_metrics,
+    interval_text,
     pair_rows,
     roc_curve,
     roc_summary,
@@ -123,8 +124,10 @@ def test_format_metrics_reads_metrics_written_before_the_interval() -> None:
         ],
     }
     assert "interval" not in format_metrics(metrics) and "accuracy 0.8750" in format_metrics(metrics)
+    assert interval_text(metrics) == "-"
     metrics |= {"accuracy_ci95_low": 0.529, "accuracy_ci95_high": 0.978}
     assert "95% interval over the pairs 0.5290-0.9780" in format_metrics(metrics)
+    assert interval_text(metrics) == "0.5290-0.9780"
 
 
 def test_cross_trained_folds_take_thresholds_from_their_own_group_only() -> None:
