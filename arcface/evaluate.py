@@ -144,8 +144,13 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
     return float(max(centre - half, 0.0)), float(min(centre + half, 1.0))
 
 
+def scored_right(scores: np.ndarray, same: np.ndarray, threshold: float | np.ndarray) -> np.ndarray:
+    """Which pairs a threshold (one, or one per pair) gets right: `same` exactly where score ≥ threshold."""
+    return (scores >= threshold) == same.astype(bool)
+
+
 def accuracy_at(scores: np.ndarray, same: np.ndarray, threshold: float) -> float:
-    return float(np.mean((scores >= threshold) == same.astype(bool)))
+    return float(np.mean(scored_right(scores, same, threshold)))
 
 
 def roc_curve(scores: np.ndarray, same: np.ndarray) -> pd.DataFrame:
@@ -212,7 +217,7 @@ def verify(
         else:
             choosing = ~held & (groups == group) & ~unscorable
             threshold, _ = best_threshold(scores[choosing], same[choosing])
-        correct = ((scores[held] >= threshold) == same[held]) & ~unscorable[held]
+        correct = scored_right(scores[held], same[held], threshold) & ~unscorable[held]
         right += int(correct.sum())
         results.append(FoldResult(int(fold), group, threshold, float(correct.mean()), int(held.sum())))
     auc, eer, tars = roc_summary(roc_curve(scores, same), far_targets)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from arcface.evaluate import METRICS_FILE, SCORES_FILE
+from arcface.evaluate import METRICS_FILE, SCORES_FILE, scored_right
 from arcface.files import read_json
 
 PAIR_KEY = ["path1", "path2"]
@@ -76,8 +76,9 @@ def pair_outcomes(reports_dir: Path) -> pd.Series:
     missing = sorted(set(table["fold"]) - set(thresholds))
     if missing:
         raise PairedError(f"{metrics_path}: no threshold for fold(s) {missing} of {scores_path}")
-    predicted = table[column].to_numpy() >= table["fold"].map(thresholds).to_numpy()
-    right = (predicted == table["same"].to_numpy(dtype=bool)) & ~table["unscorable"].to_numpy(dtype=bool)
+    threshold = table["fold"].map(thresholds).to_numpy()
+    right = scored_right(table[column].to_numpy(), table["same"].to_numpy(), threshold)
+    right &= ~table["unscorable"].to_numpy(dtype=bool)
     # a pair listed twice is scored twice: number the repeats so that each matches its like
     keys = table[PAIR_KEY].assign(repeat=table.groupby(PAIR_KEY).cumcount())
     outcomes = pd.Series(right, index=pd.MultiIndex.from_frame(keys), name="right")
