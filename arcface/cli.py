@@ -162,7 +162,7 @@ def _track(args: argparse.Namespace) -> int:
 
     params = _params(args)
     tracked = tracking.log_pipeline_run(
-        params, tracking.run_inputs(args.model, args.reports, args.aligned), args.out
+        params, tracking.run_inputs(args.model, args.reports, args.aligned, args.embeddings), args.out
     )
     print(f"MLflow run {tracked.run_id} ({tracked.tracking_uri})")
     return 0
@@ -346,8 +346,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("first", type=Path, help="reports folder (scores.csv, metrics.json) of the baseline run")
     sub.add_argument("others", type=Path, nargs="+", help="reports folders of the runs to compare with it")
 
-    sub = command("track", _track, "record the run (params, curves, metrics, plots, model) in MLflow")
+    sub = command(
+        "track",
+        _track,
+        "record the run in MLflow: params, curves, metrics, plots, and the verifier (every trunk, the "
+        "texture view, the Joint Bayesian model), registered as tracking.registered_model_name",
+    )
     path(sub, "--model", LAYOUT.model, "model folder")
+    path(
+        sub,
+        "--embeddings",
+        LAYOUT.embeddings,
+        "embeddings folder (the fitted texture and Joint Bayesian models)",
+    )
     path(sub, "--reports", LAYOUT.reports, "reports folder")
     path(sub, "--aligned", LAYOUT.aligned, "aligned store (contact sheet)")
     path(sub, "--out", LAYOUT.reports / "mlflow_run.json", "where to write the run id")

@@ -264,7 +264,7 @@ class EvaluateParams(_Section):
 class TrackingParams(_Section):
     experiment: str = Field("train-and-eval", min_length=1)
     log_model: bool = True
-    registered_model_name: str | None = "arcface-backbone"
+    registered_model_name: str | None = "arcface-verifier"
 
 
 class Params(_Section):

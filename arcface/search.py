@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from arcface import bayes, texture
@@ -16,19 +15,12 @@ from arcface.config import AlignParams, EmbedParams, Params, load_params
 from arcface.data.align import FaceAligner
 from arcface.data.images import ImageReadError, load_rgb
 from arcface.device import resolve_device
-from arcface.embed import (
-    BAYES_FILE,
-    SCORED_BY_BAYES,
-    TEXTURE_FILE,
-    companion_checkpoints,
-    embed_faces,
-    join_trunks,
-    load_trunk,
-)
+from arcface.embed import BAYES_FILE, SCORED_BY_BAYES, TEXTURE_FILE, companion_checkpoints
 from arcface.files import read_json, sha256_file
 from arcface.index import FaceIndex, IndexMismatchError, Match, load_index
 from arcface.layout import Layout
 from arcface.train import CHECKPOINT_FILE
+from arcface.verifier import Verifier, VerifierError, recorded_companions
 
 LAYOUT = Layout()
 
@@ -93,40 +85,34 @@ class FaceSearcher:
                 f"{index_dir} was built from checkpoint sha256 {self.index.info.get('checkpoint_sha256')}"
                 f" but {checkpoint} has sha256 {checkpoint_hash}: rebuild the index (embed, index)"
             )
-        device = resolve_device(embed.device)
-        self.model, self.amp, payload = load_trunk(checkpoint, device)
-        self.companions = self._companions(Path(checkpoint), index_dir, device)
-        self.texture: texture.TextureModel | None = None
-        self.bayes: bayes.BayesModel | None = None
-        dimension = payload["train_params"]["embedding_size"]
-        dimension += sum(other["train_params"]["embedding_size"] for _, _, other in self.companions)
+        companions = self._companions(Path(checkpoint), index_dir)
         embedding = self.index.info.get("embedding")
+        texture_file = bayes_file = None
         if "fused" in (embedding, self.index.info.get("bayes_input")):  # network + texture vectors
-            fitted = _fitted_file(index_dir, TEXTURE_FILE, "fused (network + texture) vectors")
-            self.texture = texture.TextureModel.load(fitted)
-            dimension += self.texture.projection.shape[1]
+            texture_file = _fitted_file(index_dir, TEXTURE_FILE, "fused (network + texture) vectors")
         if embedding in SCORED_BY_BAYES:
-            self.bayes = bayes.BayesModel.load(_fitted_file(index_dir, BAYES_FILE, "Joint Bayesian vectors"))
-            if self.bayes.mean.shape[0] != dimension:
-                raise IndexMismatchError(
-                    f"{Path(index_dir) / BAYES_FILE} maps {self.bayes.mean.shape[0]}-d vectors but "
-                    f"{checkpoint} (with the index's texture view) embeds into {dimension}"
-                )
-            dimension = self.bayes.cross.shape[1] + 1
-        if dimension != self.index.index.d:
-            raise IndexMismatchError(
-                f"{checkpoint} embeds into {dimension} dimensions but {index_dir} holds {self.index.index.d}"
+            bayes_file = _fitted_file(index_dir, BAYES_FILE, "Joint Bayesian vectors")
+        flip = bool(self.index.info.get("flip", embed.flip))
+        try:
+            self.verifier = Verifier.from_checkpoints(
+                [Path(checkpoint), *companions], flip, texture_file, bayes_file, resolve_device(embed.device)
             )
-        self.flip = bool(self.index.info.get("flip", embed.flip))
+        except VerifierError as err:
+            raise IndexMismatchError(
+                f"{err} (the index in {index_dir}): rebuild the index (embed, index)"
+            ) from err
+        if self.verifier.dimension != self.index.index.d:
+            raise IndexMismatchError(
+                f"{checkpoint} embeds into {self.verifier.dimension} dimensions but {index_dir} holds "
+                f"{self.index.index.d}"
+            )
         self.aligner = FaceAligner(align)
 
-    def _companions(
-        self, checkpoint: Path, index_dir: Path, device: torch.device
-    ) -> list[tuple[torch.nn.Module, torch.dtype | None, dict]]:
+    def _companions(self, checkpoint: Path, index_dir: Path) -> list[Path]:
         """The further trunks beside `checkpoint` (train.companion), checked against those the index was
         built with; none when neither has them."""
         paths = companion_checkpoints(checkpoint.parent)
-        expected = _index_companions(self.index.info)
+        expected = recorded_companions(self.index.info)
         found = [sha256_file(path) for path in paths]
         if found != expected:
             raise IndexMismatchError(
@@ -134,7 +120,15 @@ class FaceSearcher:
                 f"{checkpoint.parent} has {_trunks_phrase(found, '', 'none')}: rebuild the index (embed, "
                 "index) or point at the models it was built from"
             )
-        return [load_trunk(path, device) for path in paths]
+        return paths
+
+    @property
+    def texture(self) -> texture.TextureModel | None:
+        return self.verifier.texture
+
+    @property
+    def bayes(self) -> bayes.BayesModel | None:
+        return self.verifier.bayes
 
     def read_face(self, photo: Path | BinaryIO, max_pixels: int | None = None) -> QueryFace:
         """Decode, detect, align and embed one photo (a path or an open binary file); photos over
@@ -147,15 +141,7 @@ class FaceSearcher:
         face, detection = self.aligner.align_one(image)
         if detection.status != "ok":
             return QueryFace("no_face", detection.reason, image=image)
-        views = [embed_faces(self.model, face[None], flip=self.flip, amp=self.amp)]
-        for model, amp, _ in self.companions:
-            views.append(embed_faces(model, face[None], flip=self.flip, amp=amp))
-        vector = join_trunks(*views) if self.companions else views[0]
-        if self.texture is not None:
-            vector = self.texture.fuse(views, self.texture.project(texture.descriptors(face[None])))
-        if self.bayes is not None:
-            vector = self.bayes.vectors(vector)
-        vector = vector[0]
+        vector = self.verifier.embed(face[None])[0]
         return QueryFace("ok", detection.reason, image, face, detection.box, vector)
 
     def search(self, photo: Path, k: int) -> SearchResult:
@@ -167,9 +153,7 @@ class FaceSearcher:
 
     def pair_score(self, first: np.ndarray, second: np.ndarray) -> float:
         """The verification score of two embedded faces, as the index and the evaluation score it."""
-        if self.bayes is not None:
-            return float(bayes.pair_scores(first[None], second[None])[0])
-        return float(np.dot(first, second))
+        return float(self.verifier.scores(first[None], second[None])[0])
 
     def matches(self, query: QueryFace, k: int) -> list[Match]:
         """The top-k identities for an embedded face."""
@@ -195,14 +179,6 @@ def search_photos(
     threshold = threshold_from_metrics(metrics)
     searcher = FaceSearcher(checkpoint, index_dir, params.align, params.embed, threshold)
     return searcher.search_many(photos, k or params.index.k)
-
-
-def _index_companions(info: dict) -> list[str]:
-    """The sha256s of the further trunks an index was built with (an index built before several were
-    possible names one, or none, as `companion_sha256`)."""
-    if "companion_sha256s" in info:
-        return list(info["companion_sha256s"])
-    return [info["companion_sha256"]] if info.get("companion_sha256") else []
 
 
 def _trunks_phrase(sha256s: list[str], lead: str, empty: str) -> str:

@@ -1,7 +1,9 @@
 """The one place that talks to MLflow: one run per pipeline run, built from the stages' output files.
 
-Tracking reads what the stages wrote (history.csv, metrics.json, plots, the checkpoint) instead of being
-threaded through them, so `dvc repro` (one process per stage) and the Prefect flow record the same run.
+Tracking reads what the stages wrote (history.csv, metrics.json, plots, the checkpoints, the fitted
+embedding models) instead of being threaded through them, so `dvc repro` (one process per stage) and the
+Prefect flow record the same run. The registered model is the whole verifier the accuracy belongs to (every
+trunk, the texture view, the Joint Bayesian model: `arcface.verifier`), not the first trunk alone.
 """
 
 from __future__ import annotations
@@ -11,20 +13,35 @@ import os
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from arcface.config import Params, flatten
+
+if TYPE_CHECKING:
+    from arcface.verifier import Verifier
 from arcface.files import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 RUN_FILE = "mlflow_run.json"
-# What the logged model needs to be loaded elsewhere; explicit, because inferring it is ~50× slower.
-MODEL_REQUIREMENTS = ("torch", "torchvision", "numpy")
+# What the logged verifier needs to be loaded elsewhere (it carries the `arcface` package as code: these
+# are what that imports); explicit, because inferring them is ~50× slower.
+MODEL_REQUIREMENTS = (
+    "torch",
+    "torchvision",
+    "numpy",
+    "pandas",
+    "pyarrow",
+    "pydantic",
+    "pyyaml",
+    "tqdm",
+    "pillow",
+)
+MODEL_NAME = "verifier"  # the logged model's name within its run
 CHAMPION_ALIAS = "champion"
 ACCURACY_TAG = "lfw_accuracy"
 PROTOCOL_TAG = "lfw_protocol"
@@ -35,6 +52,7 @@ class RunInputs:
     """Files of one pipeline run, as written by the stages."""
 
     models: Path  # train: group-<g>/ with history.csv, split.json, checkpoint.pt
+    embeddings: Path  # embed: group-<g>/ with embed.json and the fitted texture and Joint Bayesian models
     metrics: Path  # evaluate: metrics.json
     align_summary: Path  # align: counts by status, landmark residual
     align_run: Path  # align: throughput of the run that wrote the store
@@ -48,7 +66,7 @@ class TrackedRun:
     tracking_uri: str
 
 
-def run_inputs(model_dir: Path, reports_dir: Path, aligned_dir: Path) -> RunInputs:
+def run_inputs(model_dir: Path, reports_dir: Path, aligned_dir: Path, embeddings_dir: Path) -> RunInputs:
     """The stage outputs a tracked run records (shared with the Prefect flow)."""
     from arcface import evaluate
     from arcface.data import store
@@ -56,6 +74,7 @@ def run_inputs(model_dir: Path, reports_dir: Path, aligned_dir: Path) -> RunInpu
     reports = Path(reports_dir)
     return RunInputs(
         models=Path(model_dir),
+        embeddings=Path(embeddings_dir),
         metrics=reports / evaluate.METRICS_FILE,
         align_summary=Path(aligned_dir) / store.SUMMARY_FILE,
         align_run=store.run_facts_path(Path(aligned_dir)),
@@ -83,8 +102,16 @@ def log_pipeline_run(
     cross-training, one nested run per model with its training curves (else they go on the parent)."""
     import mlflow
 
-    from arcface.train import CHECKPOINT_FILE, SPLIT_FILE, group_dirs
+    from arcface.train import SPLIT_FILE, group_dirs
 
+    # The verifier is assembled before the run starts: embeddings of other trunks stop here, not with a
+    # half-logged run.
+    verifier = None
+    if params.tracking.log_model:
+        from arcface.verifier import Verifier
+
+        first = group_dirs(inputs.models)[0]
+        verifier = Verifier.of_run(first, Path(inputs.embeddings) / first.name)
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.set_experiment(params.tracking.experiment)
@@ -114,8 +141,8 @@ def log_pipeline_run(
                 _log_trunks(folder)
                 mlflow.log_artifact(str(folder / SPLIT_FILE))
                 mlflow.log_metrics(_fold_metrics(metrics, folder.name))
-        if params.tracking.log_model:
-            _log_model(models[0] / CHECKPOINT_FILE, params.tracking.registered_model_name, metrics)
+        if verifier is not None:
+            _log_model(verifier, params.tracking.registered_model_name, metrics)
     tracked = TrackedRun(run.info.run_id, experiment.experiment_id, uri)
     write_json(out_file, {"run_id": tracked.run_id, "experiment_id": tracked.experiment_id})
     logger.info("MLflow run %s in experiment %r (%s)", tracked.run_id, params.tracking.experiment, uri)
@@ -172,21 +199,32 @@ def _fold_metrics(metrics: dict[str, Any], model: str | None = None) -> dict[str
     return flat
 
 
-def _log_model(checkpoint: Path, registered_name: str | None, metrics: dict[str, Any]) -> None:
-    import mlflow.pytorch
+def _log_model(verifier: Verifier, registered_name: str | None, metrics: dict[str, Any]) -> None:
+    """Log (and register) the verifier of one model as an MLflow pyfunc model: aligned faces in, the
+    primary embedding out, with the accuracy, protocol and threshold it was scored at in `verifier.json`."""
+    import tempfile
 
-    from arcface.train import load_backbone
+    import mlflow.pyfunc
+    from mlflow.models import infer_signature
 
-    model, _ = load_backbone(checkpoint)
-    # Two images, not one: a batch of one lets torch.export fix the batch size to 1.
-    example = np.zeros((2, 3, 112, 112), dtype=np.float32)
-    logged = mlflow.pytorch.log_model(
-        model,
-        name="model",
-        input_example=example,
-        pip_requirements=[_pinned(package) for package in MODEL_REQUIREMENTS],
-        registered_model_name=registered_name,
-    )
+    import arcface
+
+    notes = {key: metrics.get(key) for key in ("protocol", "accuracy_mean", "auc", "threshold")}
+    # Two faces, not one, so the signature keeps the batch dimension open.
+    example = np.zeros((2, 112, 112, 3), dtype=np.uint8)
+    with tempfile.TemporaryDirectory(prefix="verifier-") as temp:
+        folder = verifier.save(Path(temp) / MODEL_NAME, notes | {"score": verifier.score_name})
+        logged = mlflow.pyfunc.log_model(
+            name=MODEL_NAME,
+            loader_module="arcface.verifier",
+            data_path=str(folder),
+            code_paths=[str(Path(arcface.__file__).parent)],
+            input_example=example,
+            # Given, not inferred: MLflow infers none for a loader-module model. Batch size left open.
+            signature=infer_signature(example, verifier.embed(example)),
+            pip_requirements=[_pinned(package) for package in MODEL_REQUIREMENTS],
+            registered_model_name=registered_name,
+        )
     if registered_name and logged.registered_model_version is not None:
         promote_if_better(registered_name, str(logged.registered_model_version), metrics)
 

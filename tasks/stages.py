@@ -102,6 +102,6 @@ def evaluate_model(params: Params, layout: Layout) -> Path:
 @task(name="track")
 def track_run(params: Params, layout: Layout, tags: dict[str, Any], run_name: str | None = None) -> Path:
     out = layout.reports / tracking.RUN_FILE
-    inputs = tracking.run_inputs(layout.model, layout.reports, layout.aligned)
+    inputs = tracking.run_inputs(layout.model, layout.reports, layout.aligned, layout.embeddings)
     tracking.log_pipeline_run(params, inputs, out, {k: str(v) for k, v in tags.items()}, run_name)
     return out

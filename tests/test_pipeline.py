@@ -87,7 +87,7 @@ def test_cli_stages_end_to_end_with_mlflow(
     assert run.data.metrics["align_images_per_second"] > 0  # from the run facts beside the store
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert any(m.source_run_id == run_id for m in models)
-    champion = client.get_model_version_by_alias("arcface-backbone", "champion")
+    champion = client.get_model_version_by_alias("arcface-verifier", "champion")
     assert champion.run_id == run_id and float(champion.tags["lfw_accuracy"]) == pytest.approx(
         metrics["accuracy_mean"], abs=1e-6
     )

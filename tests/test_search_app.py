@@ -389,8 +389,8 @@ def test_a_companion_trunk_embeds_queries_like_the_index_and_a_mismatch_is_refus
 
 
 def test_an_index_names_its_companion_trunks_also_as_written_before_there_could_be_several() -> None:
-    from arcface.search import _index_companions
+    from arcface.verifier import recorded_companions
 
-    assert _index_companions({"companion_sha256s": ["a", "b"]}) == ["a", "b"]
-    assert _index_companions({"companion_sha256": "a"}) == ["a"]  # one companion, an older index.json
-    assert _index_companions({"companion_sha256": None}) == _index_companions({}) == []
+    assert recorded_companions({"companion_sha256s": ["a", "b"]}) == ["a", "b"]
+    assert recorded_companions({"companion_sha256": "a"}) == ["a"]  # one companion, an older index.json
+    assert recorded_companions({"companion_sha256": None}) == recorded_companions({}) == []

@@ -1,0 +1,152 @@
+"""The verifier as one object and as the registered MLflow model: a model with a companion trunk, the
+texture view and a Joint Bayesian model, trained and tracked on real faces, embeds and scores exactly as
+the pipeline's own stages did."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import make_workspace, tiny_params
+
+from arcface import cli, tracking
+from arcface.config import load_params
+from arcface.data import store
+from arcface.files import read_json, write_json
+from arcface.verifier import SPEC_FILE, Verifier, VerifierError
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: dict[str, Path]) -> Path:
+    """A workspace whose model has a second trunk, run through every stage and tracked in MLflow."""
+    second = {"backbone": "resnet18-fast-half", "embedding_size": 32}
+    params = tiny_params(tiny_dataset, companion=second)
+    folder = make_workspace(tmp_path_factory.mktemp("verifier") / "ws", params)
+    before, uri = Path.cwd(), os.environ.get("MLFLOW_TRACKING_URI")
+    os.chdir(folder)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
+    try:
+        for stage in ("download", "align", "train", "embed", "evaluate", "track"):
+            assert cli.main([stage]) == 0, stage
+    finally:
+        os.chdir(before)
+        if uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = uri
+    return folder
+
+
+def stored_faces(workspace: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The embedded faces, in the order of the embed stage's rows, and those rows."""
+    rows = np.load(workspace / "data/embeddings/group-0/rows.npy")
+    return np.asarray(store.open_faces(workspace / "data/aligned")[rows]), rows
+
+
+def test_the_registered_verifier_embeds_and_scores_as_the_pipeline_did(tracked: Path, monkeypatch) -> None:
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tracked / 'mlflow.db'}")
+    metrics = read_json(tracked / "reports/metrics.json")
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias("arcface-verifier", "champion")
+    assert champion.run_id == read_json(tracked / "reports/mlflow_run.json")["run_id"]
+    assert float(champion.tags["lfw_accuracy"]) == pytest.approx(metrics["accuracy_mean"], abs=1e-6)
+
+    model = mlflow.pyfunc.load_model("models:/arcface-verifier@champion")
+    signature = model.metadata.signature
+    (given,), (returned,) = signature.inputs.inputs, signature.outputs.inputs
+    assert (given.type, given.shape) == (np.dtype(np.uint8), (-1, 112, 112, 3))
+    assert (
+        returned.type == np.dtype(np.float32)
+        and returned.shape[1] == read_json(tracked / "data/embeddings/group-0/embed.json")["dimension"]
+    )
+    faces, rows = stored_faces(tracked)
+    vectors = model.predict(faces)
+    # The primary embedding: both trunks joined, fused with the texture view, mapped by the Joint
+    # Bayesian model; the same numbers the embed stage wrote.
+    expected = np.load(tracked / "data/embeddings/group-0/bayes.npy")
+    assert metrics["embedding"] == "bayes" and vectors.shape == expected.shape
+    np.testing.assert_allclose(vectors, expected, atol=1e-5)
+
+    # Scored as the evaluation scored the pairs.
+    verifier = Verifier.of_run(tracked / "models/group-0", tracked / "data/embeddings/group-0")
+    pairs = pd.read_csv(tracked / "reports/scores.csv")
+    paths = store.read_manifest(tracked / "data/aligned")["path"].to_numpy()[rows]
+    where = {path: position for position, path in enumerate(paths)}
+    first = vectors[[where[path] for path in pairs["path1"]]]
+    second = vectors[[where[path] for path in pairs["path2"]]]
+    np.testing.assert_allclose(verifier.scores(first, second), pairs["score_bayes"], atol=1e-4)
+
+    # What was registered: two slim trunks (weights, no optimizer state), the fitted models, the notes.
+    folder = Path(mlflow.artifacts.download_artifacts(f"models:/arcface-verifier/{champion.version}"))
+    (spec_path,) = folder.rglob(SPEC_FILE)
+    spec = read_json(spec_path)
+    assert spec["trunks"] == ["trunk-0.pt", "trunk-1.pt"] and spec["score"] == "joint_bayesian"
+    assert (spec["texture"], spec["bayes"], spec["dimension"]) == (
+        "texture.npz",
+        "bayes.npz",
+        expected.shape[1],
+    )
+    assert spec["notes"]["accuracy_mean"] == metrics["accuracy_mean"]
+    assert spec["notes"]["threshold"] == metrics["threshold"]
+    for number, checkpoint in enumerate(["checkpoint.pt", "companion/checkpoint.pt"]):
+        slim = spec_path.parent / f"trunk-{number}.pt"
+        assert slim.stat().st_size < (tracked / "models/group-0" / checkpoint).stat().st_size
+
+
+def test_a_saved_verifier_loads_back_and_names_a_missing_file(tracked: Path, tmp_path: Path) -> None:
+    verifier = Verifier.of_run(tracked / "models/group-0", tracked / "data/embeddings/group-0")
+    saved = verifier.save(tmp_path / "verifier", {"accuracy_mean": 0.5})
+    faces, _ = stored_faces(tracked)
+    again = Verifier.load(saved, "cpu")
+    np.testing.assert_array_equal(again.embed(faces[:8]), verifier.embed(faces[:8]))
+    assert read_json(saved / SPEC_FILE)["notes"] == {"accuracy_mean": 0.5}
+
+    broken = tmp_path / "broken"
+    shutil.copytree(saved, broken)
+    (broken / "trunk-1.pt").unlink()
+    with pytest.raises(VerifierError, match=r"broken/trunk-1\.pt: not found, but .*verifier\.json names it"):
+        Verifier.load(broken, "cpu")
+    assert (broken / "trunk-0.pt").exists() and (broken / "bayes.npz").exists()
+    with pytest.raises(VerifierError, match=r"empty/verifier\.json: not found"):
+        Verifier.load(tmp_path / "empty", "cpu")
+
+
+def test_faces_of_another_shape_or_type_are_refused_by_name(tracked: Path) -> None:
+    verifier = Verifier.of_run(tracked / "models/group-0", tracked / "data/embeddings/group-0")
+    faces, _ = stored_faces(tracked)
+    with pytest.raises(VerifierError, match=r"shape \(N, 112, 112, 3\), got \(2, 3, 112, 112\)"):
+        verifier.embed(faces[:2].transpose(0, 3, 1, 2))
+    with pytest.raises(VerifierError, match=r"expected uint8 faces .* got float32"):
+        verifier.embed(faces[:2].astype(np.float32))
+
+
+def test_track_refuses_embeddings_of_other_trunks_before_starting_a_run(
+    tracked: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Embeddings made with other trunks would register a verifier whose vectors were never scored: the
+    track stage names both and stops before MLflow records anything."""
+    import mlflow
+
+    workspace = tmp_path / "ws"
+    shutil.copytree(tracked, workspace, symlinks=True)
+    info_path = workspace / "data/embeddings/group-0/embed.json"
+    info = read_json(info_path)
+    write_json(info_path, info | {"companion_sha256s": ["0" * 64]})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
+    runs_before = len(mlflow.search_runs(search_all_experiments=True))
+    record = (workspace / "reports/mlflow_run.json").read_text()
+    inputs = tracking.run_inputs(
+        workspace / "models", workspace / "reports", workspace / "data/aligned", workspace / "data/embeddings"
+    )
+    with pytest.raises(VerifierError, match=r"embedded with trunks of sha256 .*0{64} but .*group-0 holds"):
+        tracking.log_pipeline_run(
+            load_params(workspace / "params.yaml"), inputs, workspace / "reports/mlflow_run.json"
+        )
+    assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before
+    assert (workspace / "reports/mlflow_run.json").read_text() == record
