@@ -198,6 +198,47 @@ def _search(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from arcface.device import resolve_device
+    from arcface.photo_pairs import PhotoPairVerifier, read_pairs_csv, write_answers_csv
+    from arcface.search import threshold_from_metrics
+    from arcface.verifier import Verifier
+
+    params = _params(args)
+    if args.pairs is not None and args.photos:
+        raise ValueError("give two photos or --pairs, not both")
+    if args.pairs is not None:
+        pairs = read_pairs_csv(args.pairs)
+    elif len(args.photos) == 2:
+        pairs = [(args.photos[0], args.photos[1])]
+    else:
+        raise ValueError(f"verify compares two photos (got {len(args.photos)}); for many pairs use --pairs")
+    threshold = args.threshold if args.threshold is not None else threshold_from_metrics(args.metrics)
+    verifier = Verifier.of_run(args.model, args.embeddings, resolve_device(params.embed.device))
+    pair_verifier = PhotoPairVerifier(verifier, params.align, threshold)
+    answers = pair_verifier.compare_many(pairs)
+    if args.csv:
+        write_answers_csv(args.csv, answers)
+        print(f"wrote {len(answers)} answers to {args.csv}")
+    else:
+        name = pair_verifier.score_name
+        for answer in answers:
+            if answer.status != "ok":
+                print(f"{answer.first} | {answer.second}: error: {answer.reason}")
+            elif answer.threshold is None:
+                print(f"{answer.first} | {answer.second}: {name} {answer.score:.4f} (no threshold: pass one)")
+            else:
+                sign = "≥" if answer.same else "<"
+                print(
+                    f"{answer.first} | {answer.second}: {answer.verdict} ({name} {answer.score:.4f} {sign} "
+                    f"threshold {answer.threshold:.4f})"
+                )
+    failed = sum(answer.status != "ok" for answer in answers)
+    if failed:
+        print(f"{failed} of {len(answers)} pairs could not be answered", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def _search_ui(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -382,6 +423,36 @@ def build_parser() -> argparse.ArgumentParser:
     path(sub, "--metrics", LAYOUT.reports / "metrics.json", "evaluation metrics holding the threshold")
     path(sub, "--checkpoint", LAYOUT.model / "group-0" / "checkpoint.pt", "trained checkpoint")
     path(sub, "--index", LAYOUT.index, "index folder")
+
+    sub = command(
+        "verify",
+        _verify,
+        "are two photos the same person: both aligned like the training faces, embedded by the whole "
+        "verifier (every trunk, the texture view, the Joint Bayesian model), scored as the evaluation scores "
+        "pairs and decided at its threshold; no index needed",
+    )
+    sub.add_argument("photos", type=Path, nargs="*", help="the two photos (or --pairs)")
+    sub.add_argument(
+        "--pairs",
+        type=Path,
+        default=None,
+        help="a CSV of many pairs: columns first, second (paths from its folder)",
+    )
+    sub.add_argument("--csv", type=Path, default=None, help="write the answers to this CSV instead")
+    sub.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="score from which a pair is the same person (default: the one in --metrics)",
+    )
+    path(sub, "--metrics", LAYOUT.reports / "metrics.json", "evaluation metrics holding the threshold")
+    path(sub, "--model", LAYOUT.model / "group-0", "model folder (checkpoint.pt and its companion trunks)")
+    path(
+        sub,
+        "--embeddings",
+        LAYOUT.embeddings / "group-0",
+        "that model's embed-stage folder (embed.json, the fitted texture and Joint Bayesian models)",
+    )
 
     sub = command(
         "search-ui",

@@ -56,6 +56,23 @@ class QueryFace:
     vector: np.ndarray | None = None  # (D,) unit vector, or a Joint Bayesian vector
 
 
+def read_and_embed(
+    aligner: FaceAligner, verifier: Verifier, photo: Path | BinaryIO, max_pixels: int | None = None
+) -> QueryFace:
+    """One photo decoded, its face detected and aligned like the training faces, and embedded by the
+    verifier; an unreadable photo or one without a face is an answer that says why, not an exception."""
+    limits = aligner.params
+    try:
+        image = load_rgb(photo, max_pixels or limits.max_image_pixels, limits.min_image_side)
+    except ImageReadError as err:  # a bad photo is an answer, not a crash of the whole batch
+        return QueryFace("error", str(err))
+    face, detection = aligner.align_one(image)
+    if detection.status != "ok":
+        return QueryFace("no_face", detection.reason, image=image)
+    vector = verifier.embed(face[None])[0]
+    return QueryFace("ok", detection.reason, image, face, detection.box, vector)
+
+
 def threshold_from_metrics(path: Path) -> float | None:
     """The score threshold the evaluate stage chose (metrics.json), or None when there is none yet."""
     path = Path(path)
@@ -133,16 +150,7 @@ class FaceSearcher:
     def read_face(self, photo: Path | BinaryIO, max_pixels: int | None = None) -> QueryFace:
         """Decode, detect, align and embed one photo (a path or an open binary file); photos over
         `max_pixels` (default: align.max_image_pixels) are refused before decoding."""
-        limits = self.aligner.params
-        try:
-            image = load_rgb(photo, max_pixels or limits.max_image_pixels, limits.min_image_side)
-        except ImageReadError as err:  # a bad photo is an answer, not a crash of the whole batch
-            return QueryFace("error", str(err))
-        face, detection = self.aligner.align_one(image)
-        if detection.status != "ok":
-            return QueryFace("no_face", detection.reason, image=image)
-        vector = self.verifier.embed(face[None])[0]
-        return QueryFace("ok", detection.reason, image, face, detection.box, vector)
+        return read_and_embed(self.aligner, self.verifier, photo, max_pixels)
 
     def search(self, photo: Path, k: int) -> SearchResult:
         """The top-k identities for one photo; unreadable photos and photos without a face say why."""

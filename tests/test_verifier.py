@@ -150,3 +150,68 @@ def test_track_refuses_embeddings_of_other_trunks_before_starting_a_run(
         )
     assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before
     assert (workspace / "reports/mlflow_run.json").read_text() == record
+
+
+def evaluated_pairs(workspace: Path) -> tuple[pd.Series, pd.Series]:
+    """A same-person and a different-people pair the evaluation scored, as rows of scores.csv."""
+    pairs = pd.read_csv(workspace / "reports/scores.csv")
+    return pairs[pairs["same"]].iloc[0], pairs[~pairs["same"]].iloc[0]
+
+
+def test_verify_scores_two_photos_as_the_evaluation_scored_them(tracked: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tracked)
+    threshold = read_json(tracked / "reports/metrics.json")["threshold"]
+    for row in evaluated_pairs(tracked):
+        first, second = (f"data/raw/images/{row[column]}" for column in ("path1", "path2"))
+        assert cli.main(["verify", first, second]) == 0
+        line = capsys.readouterr().out.strip()
+        verdict = "same" if row["score_bayes"] >= threshold else "different"
+        assert line.startswith(f"{first} | {second}: {verdict} (Joint Bayesian score ")
+        # The raw photos are aligned again, one at a time: the score is the evaluation's, to alignment noise.
+        score = float(line.split("Joint Bayesian score ")[1].split()[0])
+        assert score == pytest.approx(row["score_bayes"], abs=0.05 * max(1.0, abs(row["score_bayes"])))
+        assert line.endswith(f"threshold {threshold:.4f})")
+
+
+def test_verify_answers_a_csv_of_pairs_and_names_a_photo_without_a_face(
+    tracked: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from PIL import Image
+
+    same, different = evaluated_pairs(tracked)
+    images = tracked / "data/raw/images"
+    Image.new("RGB", (200, 200), (90, 90, 90)).save(tmp_path / "blank.png")
+    rows = [(images / same["path1"], images / same["path2"]), (images / different["path1"], "blank.png")]
+    rows.append((images / different["path1"], images / different["path2"]))
+    (tmp_path / "pairs.csv").write_text("first,second\n" + "".join(f"{a},{b}\n" for a, b in rows))
+    monkeypatch.chdir(tracked)
+    assert (
+        cli.main(["verify", "--pairs", str(tmp_path / "pairs.csv"), "--csv", str(tmp_path / "out.csv")]) == 1
+    )
+    assert "1 of 3 pairs could not be answered" in capsys.readouterr().err
+    answers = pd.read_csv(tmp_path / "out.csv")
+    assert (
+        list(answers["verdict"][[1]]) == ["error"]
+        and "blank.png: no_face: no face found" in answers["reason"][1]
+    )
+    threshold = read_json(tracked / "reports/metrics.json")["threshold"]
+    for position, row in ((0, same), (2, different)):  # the pairs beside the bad one are still answered
+        expected = "same" if row["score_bayes"] >= threshold else "different"
+        assert answers["verdict"][position] == expected
+        assert answers["score"][position] == pytest.approx(
+            row["score_bayes"], abs=0.05 * max(1.0, abs(row["score_bayes"]))
+        )
+
+
+def test_verify_refuses_a_pairs_file_without_its_columns_and_a_lone_photo(
+    tracked: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.chdir(tracked)
+    (tmp_path / "pairs.csv").write_text("a,b\nx.jpg,y.jpg\n")
+    out = tmp_path / "out.csv"
+    assert cli.main(["verify", "--pairs", str(tmp_path / "pairs.csv"), "--csv", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "pairs.csv: needs a header row with the columns first, second; missing first, second" in error
+    assert not out.exists()
+    assert cli.main(["verify", "one.jpg"]) == 2
+    assert "verify compares two photos (got 1); for many pairs use --pairs" in capsys.readouterr().err
