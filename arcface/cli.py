@@ -117,9 +117,16 @@ def _verify_bin(args: argparse.Namespace) -> int:
     from arcface.files import write_json
 
     far_targets = _params(args).evaluate.far_targets
+    # The whole verifier too, where the model's embed stage has run (its fitted texture and Bayes models).
+    embeddings = args.embeddings if (args.embeddings / "embed.json").exists() else None
+    if embeddings is None:
+        print(
+            f"({args.embeddings / 'embed.json'} not found: the trunk alone, without the texture view and "
+            "the Joint Bayesian model)"
+        )
     results = {}
     for path in args.sets:
-        reports = evaluate.verify_bin_set(args.checkpoint, path, far_targets)
+        reports = evaluate.verify_bin_set(args.checkpoint, path, far_targets, embeddings=embeddings)
         for report in reports.values():
             print(report.summary())
         results[path.stem] = {variant: asdict(report) for variant, report in reports.items()}
@@ -367,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("sets", type=Path, nargs="+", help=".bin files: pickled (images, is_same)")
     path(sub, "--checkpoint", LAYOUT.model / "group-0" / "checkpoint.pt", "trained checkpoint")
+    path(
+        sub,
+        "--embeddings",
+        LAYOUT.embeddings / "group-0",
+        "the model's embed-stage folder: also score with the whole verifier (`verifier`) when it exists",
+    )
     sub.add_argument("--out", type=Path, default=None, help="also write the reports as JSON here")
 
     sub = command(

@@ -478,17 +478,24 @@ def _training_angles(models_dir: Path) -> dict[str, np.ndarray]:
 
 
 def verify_bin_set(
-    checkpoint: Path, path: Path, far_targets: tuple[float, ...] = (1e-3, 1e-2), batch_size: int = 128
+    checkpoint: Path,
+    path: Path,
+    far_targets: tuple[float, ...] = (1e-3, 1e-2),
+    batch_size: int = 128,
+    embeddings: Path | None = None,
 ) -> dict[str, VerificationReport]:
     """Score an insightface .bin set with a trained model, flip TTA on and off, under the standard
     10-fold protocol (contiguous folds, as insightface splits them), so results compare with published
-    tables. Only meaningful for a model that never trained on the set's people."""
+    tables; with `embeddings` (the model's embed-stage folder) also with the whole verifier (every trunk,
+    the texture view, the Joint Bayesian model), as `verifier`. Only meaningful for a model that never
+    trained on the set's people."""
     import torch
 
     from arcface.data.binsets import load_bin
     from arcface.device import autocast_dtype
     from arcface.embed import embed_variants
     from arcface.train import load_backbone
+    from arcface.verifier import Verifier
 
     dataset = load_bin(path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -497,11 +504,15 @@ def verify_bin_set(
     vectors = embed_variants(model.to(memory_format=torch.channels_last), dataset.faces, batch_size, amp)
     pairs = len(dataset.same)
     folds = np.arange(pairs) * 10 // pairs
-    reports = {}
-    for variant, embeddings in vectors.items():
-        scores = np.einsum("nd,nd->n", embeddings[0::2], embeddings[1::2])
-        reports[variant] = verify(scores, dataset.same, folds, far_targets, f"{dataset.name} ({variant})")
-    return reports
+    scores = {variant: np.einsum("nd,nd->n", v[0::2], v[1::2]) for variant, v in vectors.items()}
+    if embeddings is not None:
+        verifier = Verifier.of_run(Path(checkpoint).parent, embeddings, device)
+        embedded = verifier.embed(dataset.faces, batch_size)
+        scores["verifier"] = verifier.scores(embedded[0::2], embedded[1::2])
+    return {
+        variant: verify(values, dataset.same, folds, far_targets, f"{dataset.name} ({variant})")
+        for variant, values in scores.items()
+    }
 
 
 def _interval(metrics: dict[str, Any]) -> tuple[float, float] | None:

@@ -215,3 +215,52 @@ def test_verify_refuses_a_pairs_file_without_its_columns_and_a_lone_photo(
     assert not out.exists()
     assert cli.main(["verify", "one.jpg"]) == 2
     assert "verify compares two photos (got 1); for many pairs use --pairs" in capsys.readouterr().err
+
+
+def test_verify_bin_scores_an_insightface_set_with_the_whole_verifier_too(
+    tracked: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """The evaluated pairs written as an insightface .bin (JPEG-encoded): verify-bin scores them with the
+    first trunk (`flip`, `plain`) and with the whole verifier (`verifier`); without the embed stage's
+    folder, with the trunk alone, and says so."""
+    from arcface.data.binsets import load_bin, write_bin
+    from arcface.evaluate import verify
+
+    pairs = pd.read_csv(tracked / "reports/scores.csv")
+    manifest = store.read_manifest(tracked / "data/aligned")
+    position = {path: row for row, path in enumerate(manifest["path"])}
+    faces = np.asarray(store.open_faces(tracked / "data/aligned"))
+    order = np.ravel(np.column_stack([pairs["path1"].map(position), pairs["path2"].map(position)]))
+    write_bin(tmp_path / "lfw.bin", faces[order], pairs["same"].to_numpy())
+    monkeypatch.chdir(tracked)
+    assert cli.main(["verify-bin", str(tmp_path / "lfw.bin"), "--out", str(tmp_path / "bin.json")]) == 0
+    results = read_json(tmp_path / "bin.json")["lfw"]
+    assert set(results) == {"flip", "plain", "verifier"}
+    # `verifier` is the whole verifier on the set's faces, under the set's contiguous folds
+    dataset = load_bin(tmp_path / "lfw.bin")
+    verifier = Verifier.of_run(tracked / "models/group-0", tracked / "data/embeddings/group-0")
+    vectors = verifier.embed(dataset.faces)
+    folds = np.arange(len(pairs)) * 10 // len(pairs)
+    scores = verifier.scores(vectors[0::2], vectors[1::2])
+    expected = verify(scores, dataset.same, folds, (1e-3, 1e-2), "lfw")
+    assert results["verifier"]["auc"] == pytest.approx(expected.auc)
+    assert results["verifier"]["accuracy_mean"] == pytest.approx(expected.accuracy_mean)
+    assert results["verifier"]["threshold"] == pytest.approx(expected.threshold)
+    assert results["verifier"]["auc"] != pytest.approx(results["flip"]["auc"])  # not the first trunk alone
+
+    capsys.readouterr()
+    assert (
+        cli.main(
+            [
+                "verify-bin",
+                str(tmp_path / "lfw.bin"),
+                "--embeddings",
+                str(tmp_path / "none"),
+                "--out",
+                str(tmp_path / "trunk.json"),
+            ]
+        )
+        == 0
+    )
+    assert "none/embed.json not found: the trunk alone" in capsys.readouterr().out
+    assert set(read_json(tmp_path / "trunk.json")["lfw"]) == {"flip", "plain"}
