@@ -240,6 +240,8 @@ def _verify(args: argparse.Namespace) -> int:
                     f"{answer.first} | {answer.second}: {answer.verdict} ({name} {answer.score:.4f} {sign} "
                     f"threshold {answer.threshold:.4f})"
                 )
+            if answer.status == "ok" and answer.reason:
+                print(f"  note: {answer.reason}")
     failed = sum(answer.status != "ok" for answer in answers)
     if failed:
         print(f"{failed} of {len(answers)} pairs could not be answered", file=sys.stderr)

@@ -25,7 +25,7 @@ class PairAnswer:
     first: Path
     second: Path
     status: str  # ok | error: a photo could not be read, or has no face
-    reason: str = ""
+    reason: str = ""  # why there is no score; with one, a note such as which of several faces was used
     score: float | None = None
     threshold: float | None = None  # the evaluation's; None: no same/different decision
 
@@ -73,7 +73,9 @@ class PhotoPairVerifier:
             )
         one, other = (faces[Path(photo)].vector for photo in (first, second))
         score = float(self.verifier.scores(one[None], other[None])[0])
-        return PairAnswer(Path(first), Path(second), "ok", score=score, threshold=self.threshold)
+        # e.g. "3 faces, kept the most central": worth knowing when the verdict surprises
+        notes = "; ".join(f"{photo}: {face.reason}" for photo, face in faces.items() if face.reason)
+        return PairAnswer(Path(first), Path(second), "ok", notes, score, self.threshold)
 
     def compare_many(self, pairs: list[tuple[Path, Path]]) -> list[PairAnswer]:
         """Answers for every pair, in order; one bad photo never stops the other pairs."""

@@ -181,14 +181,16 @@ def test_verify_answers_a_csv_of_pairs_and_names_a_photo_without_a_face(
     same, different = evaluated_pairs(tracked)
     images = tracked / "data/raw/images"
     Image.new("RGB", (200, 200), (90, 90, 90)).save(tmp_path / "blank.png")
+    two = [np.asarray(Image.open(images / row["path1"]).convert("RGB")) for row in (same, different)]
+    Image.fromarray(np.concatenate(two, axis=1)).save(tmp_path / "two.png")  # two people side by side
     rows = [(images / same["path1"], images / same["path2"]), (images / different["path1"], "blank.png")]
-    rows.append((images / different["path1"], images / different["path2"]))
+    rows += [(images / different["path1"], images / different["path2"]), ("two.png", images / same["path2"])]
     (tmp_path / "pairs.csv").write_text("first,second\n" + "".join(f"{a},{b}\n" for a, b in rows))
     monkeypatch.chdir(tracked)
     assert (
         cli.main(["verify", "--pairs", str(tmp_path / "pairs.csv"), "--csv", str(tmp_path / "out.csv")]) == 1
     )
-    assert "1 of 3 pairs could not be answered" in capsys.readouterr().err
+    assert "1 of 4 pairs could not be answered" in capsys.readouterr().err
     answers = pd.read_csv(tmp_path / "out.csv")
     assert (
         list(answers["verdict"][[1]]) == ["error"]
@@ -197,10 +199,13 @@ def test_verify_answers_a_csv_of_pairs_and_names_a_photo_without_a_face(
     threshold = read_json(tracked / "reports/metrics.json")["threshold"]
     for position, row in ((0, same), (2, different)):  # the pairs beside the bad one are still answered
         expected = "same" if row["score_bayes"] >= threshold else "different"
-        assert answers["verdict"][position] == expected
+        assert answers["verdict"][position] == expected and pd.isna(answers["reason"][position])
         assert answers["score"][position] == pytest.approx(
             row["score_bayes"], abs=0.05 * max(1.0, abs(row["score_bayes"]))
         )
+    # a photo of two people is answered with one of them, and the answer says which rule chose it
+    assert answers["verdict"][3] in ("same", "different") and np.isfinite(answers["score"][3])
+    assert answers["reason"][3].endswith("two.png: 2 faces, kept the most central")
 
 
 def test_verify_refuses_a_pairs_file_without_its_columns_and_a_lone_photo(
