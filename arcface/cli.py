@@ -329,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     def path(sub: argparse.ArgumentParser, flag: str, default: Path, text: str) -> None:
         sub.add_argument(flag, type=Path, default=default, help=f"{text} (default: %(default)s)")
 
+    def threshold_options(sub: argparse.ArgumentParser, meaning: str) -> None:
+        """--threshold, else the evaluation's from --metrics."""
+        text = f"{meaning} (default: the one in --metrics)"
+        sub.add_argument("--threshold", type=float, default=None, help=text)
+        path(sub, "--metrics", LAYOUT.reports / "metrics.json", "evaluation metrics holding the threshold")
+
     sub = command("download", _download, "fetch the images archive and protocol files, verify, extract")
     path(sub, "--out", LAYOUT.raw, "output folder")
 
@@ -429,13 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("photos", type=Path, nargs="+", help="photos or folders of photos")
     sub.add_argument("--k", type=int, default=None, help="identities per photo (default: index.k)")
     sub.add_argument("--csv", type=Path, default=None, help="write answers to this CSV instead")
-    sub.add_argument(
-        "--threshold",
-        type=float,
-        default=None,
-        help="score under which a face is unknown (default: the one in --metrics)",
-    )
-    path(sub, "--metrics", LAYOUT.reports / "metrics.json", "evaluation metrics holding the threshold")
+    threshold_options(sub, "score under which a face is unknown")
     path(sub, "--checkpoint", LAYOUT.model / "group-0" / "checkpoint.pt", "trained checkpoint")
     path(sub, "--index", LAYOUT.index, "index folder")
 
@@ -454,13 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a CSV of many pairs: columns first, second (paths from its folder)",
     )
     sub.add_argument("--csv", type=Path, default=None, help="write the answers to this CSV instead")
-    sub.add_argument(
-        "--threshold",
-        type=float,
-        default=None,
-        help="score from which a pair is the same person (default: the one in --metrics)",
-    )
-    path(sub, "--metrics", LAYOUT.reports / "metrics.json", "evaluation metrics holding the threshold")
+    threshold_options(sub, "score from which a pair is the same person")
     path(sub, "--model", LAYOUT.model / "group-0", "model folder (checkpoint.pt and its companion trunks)")
     path(
         sub,

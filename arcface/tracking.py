@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 
 from arcface.config import Params, flatten
+from arcface.files import read_json, write_json
 
 if TYPE_CHECKING:
     from arcface.verifier import Verifier
-from arcface.files import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
