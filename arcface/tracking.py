@@ -226,7 +226,11 @@ def _log_model(verifier: Verifier, registered_name: str | None, metrics: dict[st
             registered_model_name=registered_name,
         )
     if registered_name and logged.registered_model_version is not None:
-        promote_if_better(registered_name, str(logged.registered_model_version), metrics)
+        version = str(logged.registered_model_version)
+        # What the UI's model page shows: what this version is, and what it scored.
+        summary = f"{verifier.describe()}; {metrics.get('protocol')} accuracy {metrics['accuracy_mean']:.4f}"
+        mlflow.MlflowClient().update_model_version(registered_name, version, description=summary)
+        promote_if_better(registered_name, version, metrics)
 
 
 def promote_if_better(name: str, version: str, metrics: dict[str, Any], client: Any = None) -> bool:

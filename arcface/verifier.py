@@ -132,6 +132,21 @@ class Verifier:
     def score_name(self) -> str:
         return "joint_bayesian" if self.bayes is not None else "cosine"
 
+    def describe(self) -> str:
+        """One line for people (the MLflow model version's description), e.g. "2 trunks (resnet18-fast;
+        resnet18-fast on the box rows 8-88, columns 16-96), flip TTA, texture view fused, Joint Bayesian"."""
+        trunks = []
+        for trunk in self.trunks:
+            crop = trunk.train_params.get("crop")
+            box = f" on the box rows {crop[0]}-{crop[1]}, columns {crop[2]}-{crop[3]}" if crop else ""
+            trunks.append(f"{trunk.train_params['backbone']}{box}")
+        parts = [f"{len(trunks)} trunk{'s' if len(trunks) > 1 else ''} ({'; '.join(trunks)})"]
+        parts.append("flip TTA" if self.flip else "no flip TTA")
+        if self.texture is not None:
+            parts.append("texture view fused")
+        parts.append("Joint Bayesian scores" if self.bayes is not None else "cosine scores")
+        return ", ".join(parts)
+
     def check(self, bayes_name: str = "the Joint Bayesian model") -> None:
         """Parts that don't fit together are an error that names both sizes."""
         if not self.trunks:

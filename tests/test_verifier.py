@@ -56,6 +56,10 @@ def test_the_registered_verifier_embeds_and_scores_as_the_pipeline_did(tracked: 
     champion = client.get_model_version_by_alias("arcface-verifier", "champion")
     assert champion.run_id == read_json(tracked / "reports/mlflow_run.json")["run_id"]
     assert float(champion.tags["lfw_accuracy"]) == pytest.approx(metrics["accuracy_mean"], abs=1e-6)
+    assert champion.description == (
+        "2 trunks (resnet18-fast; resnet18-fast-half), flip TTA, texture view fused, Joint Bayesian scores; "
+        f"view2 accuracy {metrics['accuracy_mean']:.4f}"
+    )
 
     model = mlflow.pyfunc.load_model("models:/arcface-verifier@champion")
     signature = model.metadata.signature
