@@ -190,7 +190,7 @@ def _search(args: argparse.Namespace) -> int:
         print(f"wrote {len(results)} answers to {args.csv}")
     else:
         if threshold is not None:
-            name = "Joint Bayesian score" if searcher.bayes is not None else "cosine"
+            name = searcher.verifier.score_label
             print(f"(unknown below {name} {threshold:.4f}, the evaluation's threshold)")
         for result in results:
             if result.status != "ok":
@@ -228,7 +228,7 @@ def _verify(args: argparse.Namespace) -> int:
         write_answers_csv(args.csv, answers)
         print(f"wrote {len(answers)} answers to {args.csv}")
     else:
-        name = pair_verifier.score_name
+        name = verifier.score_label
         for answer in answers:
             if answer.status != "ok":
                 print(f"{answer.first} | {answer.second}: error: {answer.reason}")

@@ -17,7 +17,6 @@ from arcface.search import QueryFace, read_and_embed
 from arcface.verifier import Verifier
 
 PAIR_COLUMNS = ("first", "second")
-SCORE_NAMES = {"joint_bayesian": "Joint Bayesian score", "cosine": "cosine"}
 
 
 @dataclass(frozen=True)
@@ -50,10 +49,6 @@ class PhotoPairVerifier:
         self.verifier, self.threshold = verifier, threshold
         self.aligner = FaceAligner(align)
         self._faces: dict[Path, QueryFace] = {}  # a photo in several pairs is aligned and embedded once
-
-    @property
-    def score_name(self) -> str:
-        return SCORE_NAMES[self.verifier.score_name]
 
     def face(self, photo: Path) -> QueryFace:
         photo = Path(photo)

@@ -213,7 +213,7 @@ def _log_model(verifier: Verifier, registered_name: str | None, metrics: dict[st
     # Two faces, not one, so the signature keeps the batch dimension open.
     example = np.zeros((2, 112, 112, 3), dtype=np.uint8)
     with tempfile.TemporaryDirectory(prefix="verifier-") as temp:
-        folder = verifier.save(Path(temp) / MODEL_NAME, notes | {"score": verifier.score_name})
+        folder = verifier.save(Path(temp) / MODEL_NAME, notes)
         logged = mlflow.pyfunc.log_model(
             name=MODEL_NAME,
             loader_module="arcface.verifier",

@@ -132,6 +132,11 @@ class Verifier:
     def score_name(self) -> str:
         return "joint_bayesian" if self.bayes is not None else "cosine"
 
+    @property
+    def score_label(self) -> str:
+        """The score's name for people, as the CLI prints it."""
+        return "Joint Bayesian score" if self.bayes is not None else "cosine"
+
     def describe(self) -> str:
         """One line for people (the MLflow model version's description), e.g. "2 trunks (resnet18-fast;
         resnet18-fast on the box rows 8-88, columns 16-96), flip TTA, texture view fused, Joint Bayesian"."""
