@@ -182,7 +182,9 @@ def _search(args: argparse.Namespace) -> int:
     photos = expand_photos(args.photos)
     if not photos:
         raise FileNotFoundError(f"no photos in {', '.join(map(str, args.photos))}")
-    threshold = args.threshold if args.threshold is not None else threshold_from_metrics(args.metrics)
+    threshold = args.threshold
+    if threshold is None:
+        threshold = threshold_from_metrics(args.metrics, Path(args.checkpoint).parent.name)
     searcher = FaceSearcher(args.checkpoint, args.index, params.align, params.embed, threshold)
     results = searcher.search_many(photos, args.k or params.index.k)
     if args.csv:
@@ -220,7 +222,9 @@ def _verify(args: argparse.Namespace) -> int:
         pairs = [(args.photos[0], args.photos[1])]
     else:
         raise ValueError(f"verify compares two photos (got {len(args.photos)}); for many pairs use --pairs")
-    threshold = args.threshold if args.threshold is not None else threshold_from_metrics(args.metrics)
+    threshold = args.threshold
+    if threshold is None:
+        threshold = threshold_from_metrics(args.metrics, Path(args.model).name)
     verifier = Verifier.of_run(args.model, args.embeddings, resolve_device(params.embed.device))
     pair_verifier = PhotoPairVerifier(verifier, params.align, threshold)
     answers = pair_verifier.compare_many(pairs)

@@ -164,6 +164,8 @@ class TrainParams(_Section):
     min_images_per_identity: int = Field(2, ge=1, le=1000)
     identity_cap: int = Field(0, ge=0)  # per epoch at most this many faces of one identity (0: all)
     class_balance: float = Field(0.0, ge=0, le=1)  # draw a face at weight n^-this, n its identity's faces
+    blend_identities: int = Field(0, ge=0)  # extra classes, each the average of two training people's faces
+    blend_faces: int = Field(6, ge=1, le=1000)  # faces per blended identity, at most
     amp: TrainAmp = "auto"
     compile: bool = False
     init_checkpoint: str | None = None  # backbone weights to start from (ours or a plain state_dict)

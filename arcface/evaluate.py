@@ -549,3 +549,18 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     if found:
         text += "\n" + identification.format_summary(found)
     return text
+
+
+def model_figures(metrics: dict[str, Any], model: str) -> dict[str, float] | None:
+    """With cross-training (`groups` > 1), the accuracy over the pairs of the folds `model` scored and the
+    mean of their thresholds; None for a run of one model, whose figures are the run's."""
+    if int(metrics.get("groups", 1)) <= 1:
+        return None
+    folds = [fold for fold in metrics.get("folds", []) if fold.get("model") == model]
+    pairs = sum(fold["pairs"] for fold in folds)
+    if not pairs:
+        return None
+    return {
+        "accuracy_mean": sum(fold["accuracy"] * fold["pairs"] for fold in folds) / pairs,
+        "threshold": float(np.mean([fold["threshold"] for fold in folds])),
+    }

@@ -16,6 +16,7 @@ from arcface.data.align import FaceAligner
 from arcface.data.images import ImageReadError, load_rgb
 from arcface.device import resolve_device
 from arcface.embed import BAYES_FILE, SCORED_BY_BAYES, TEXTURE_FILE, companion_checkpoints
+from arcface.evaluate import model_figures
 from arcface.files import read_json, sha256_file
 from arcface.index import FaceIndex, IndexMismatchError, Match, load_index
 from arcface.layout import Layout
@@ -73,13 +74,16 @@ def read_and_embed(
     return QueryFace("ok", detection.reason, image, face, detection.box, vector)
 
 
-def threshold_from_metrics(path: Path) -> float | None:
-    """The score threshold the evaluate stage chose (metrics.json), or None when there is none yet."""
+def threshold_from_metrics(path: Path, model: str | None = None) -> float | None:
+    """The score threshold the evaluate stage chose (metrics.json), or None when there is none yet. With
+    cross-training and `model` (a group folder's name), that model's: the mean of its own folds'."""
     path = Path(path)
     if not path.exists():
         logger.warning("%s not found: no `unknown` decisions (run evaluate, or pass a threshold)", path)
         return None
-    return float(read_json(path)["threshold"])
+    metrics = read_json(path)
+    own = model_figures(metrics, model) if model else None
+    return float(own["threshold"] if own else metrics["threshold"])
 
 
 class FaceSearcher:
@@ -184,7 +188,7 @@ def search_photos(
     """The Python API: who is in each photo, against the pipeline's index (paths default to the
     workspace layout; `unknown` decided with the evaluation's threshold)."""
     params = params or load_params()
-    threshold = threshold_from_metrics(metrics)
+    threshold = threshold_from_metrics(metrics, Path(checkpoint).parent.name)
     searcher = FaceSearcher(checkpoint, index_dir, params.align, params.embed, threshold)
     return searcher.search_many(photos, k or params.index.k)
 

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 
 from arcface.config import Params
 from arcface.data import store
+from arcface.evaluate import model_figures
 from arcface.files import read_json
 from arcface.search import FaceSearcher, QueryFace, SearchResult, threshold_from_metrics
 from arcface.tracking import dvc_data_tags, git_commit
@@ -206,7 +207,7 @@ def load_service(
 ) -> SearchService:
     """A service over the pipeline's outputs: the model, its index, the aligned gallery faces, and the
     evaluation's threshold."""
-    threshold = threshold_from_metrics(Path(reports_dir) / "metrics.json")
+    threshold = threshold_from_metrics(Path(reports_dir) / "metrics.json", Path(checkpoint).parent.name)
     searcher = FaceSearcher(checkpoint, index_dir, params.align, params.embed, threshold)
     faces = store.open_faces(aligned_dir)  # memory-mapped: thumbnails are read on demand
     return SearchService(
@@ -219,6 +220,8 @@ def workspace_about(index_info: dict[str, Any], checkpoint: Path, reports: Path)
     run_file = reports / "mlflow_run.json"
     metrics_file = reports / "metrics.json"
     metrics = read_json(metrics_file) if metrics_file.exists() else {}
+    # With cross-training the page serves one of the models: its own folds' figures, not the pooled ones.
+    metrics |= model_figures(metrics, Path(checkpoint).parent.name) or {}
     return {
         "checkpoint": str(checkpoint),
         "backbone": index_info.get("backbone"),

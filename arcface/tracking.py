@@ -106,11 +106,10 @@ def log_pipeline_run(
 
     # The verifier is assembled before the run starts: embeddings of other trunks stop here, not with a
     # half-logged run.
-    verifier = None
+    verifier, first = None, group_dirs(inputs.models)[0]
     if params.tracking.log_model:
         from arcface.verifier import Verifier
 
-        first = group_dirs(inputs.models)[0]
         verifier = Verifier.of_run(first, Path(inputs.embeddings) / first.name)
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
@@ -142,7 +141,7 @@ def log_pipeline_run(
                 mlflow.log_artifact(str(folder / SPLIT_FILE))
                 mlflow.log_metrics(_fold_metrics(metrics, folder.name))
         if verifier is not None:
-            _log_model(verifier, params.tracking.registered_model_name, metrics)
+            _log_model(verifier, params.tracking.registered_model_name, metrics, first.name)
     tracked = TrackedRun(run.info.run_id, experiment.experiment_id, uri)
     write_json(out_file, {"run_id": tracked.run_id, "experiment_id": tracked.experiment_id})
     logger.info("MLflow run %s in experiment %r (%s)", tracked.run_id, params.tracking.experiment, uri)
@@ -199,17 +198,25 @@ def _fold_metrics(metrics: dict[str, Any], model: str | None = None) -> dict[str
     return flat
 
 
-def _log_model(verifier: Verifier, registered_name: str | None, metrics: dict[str, Any]) -> None:
-    """Log (and register) the verifier of one model as an MLflow pyfunc model: aligned faces in, the
-    primary embedding out, with the accuracy, protocol and threshold it was scored at in `verifier.json`."""
+def _log_model(
+    verifier: Verifier, registered_name: str | None, metrics: dict[str, Any], verifier_model: str = "group-0"
+) -> None:
+    """Log (and register) the verifier of one model (`verifier_model`, a group folder's name) as an MLflow
+    pyfunc model: aligned faces in, the primary embedding out, with the accuracy, protocol and threshold
+    it was scored at in `verifier.json` (with cross-training, the accuracy of the folds it scored)."""
     import tempfile
 
     import mlflow.pyfunc
     from mlflow.models import infer_signature
 
     import arcface
+    from arcface.evaluate import model_figures
 
     notes = {key: metrics.get(key) for key in ("protocol", "accuracy_mean", "auc", "threshold")}
+    own = model_figures(metrics, verifier_model)
+    if own is not None:
+        # Cross-training: this model scored only its own folds; the run's figures pool every model's.
+        notes |= own | {"run_accuracy_mean": metrics["accuracy_mean"], "model": verifier_model}
     # Two faces, not one, so the signature keeps the batch dimension open.
     example = np.zeros((2, 112, 112, 3), dtype=np.uint8)
     with tempfile.TemporaryDirectory(prefix="verifier-") as temp:
@@ -228,9 +235,16 @@ def _log_model(verifier: Verifier, registered_name: str | None, metrics: dict[st
     if registered_name and logged.registered_model_version is not None:
         version = str(logged.registered_model_version)
         # What the UI's model page shows: what this version is, and what it scored.
-        summary = f"{verifier.describe()}; {metrics.get('protocol')} accuracy {metrics['accuracy_mean']:.4f}"
+        protocol = metrics.get("protocol")
+        summary = f"{verifier.describe()}; {protocol} accuracy {metrics['accuracy_mean']:.4f}"
+        if own is not None:
+            summary = (
+                f"{verifier.describe()}; {verifier_model} of {metrics['groups']} cross-trained models: "
+                f"{protocol} accuracy {own['accuracy_mean']:.4f} on the folds it scored "
+                f"({metrics['accuracy_mean']:.4f} over every model's folds)"
+            )
         mlflow.MlflowClient().update_model_version(registered_name, version, description=summary)
-        promote_if_better(registered_name, version, metrics)
+        promote_if_better(registered_name, version, metrics | {"accuracy_mean": notes["accuracy_mean"]})
 
 
 def promote_if_better(name: str, version: str, metrics: dict[str, Any], client: Any = None) -> bool:

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from arcface.config import Params, TrainParams
 from arcface.data import store
 from arcface.data.augment import Augmentation
+from arcface.data.blend import blended_identities
 from arcface.data.datasets import DeviceBatches, TrainingSplit, training_split
 from arcface.device import autocast, autocast_dtype, resolve_device
 from arcface.files import atomic_path, remove, write_json
@@ -372,6 +373,12 @@ def fit(
     epoch of this run (and `params.resume`), training continues from it.
     """
     distributed = distributed or Distributed()
+    if params.blend_identities:
+        blends, blend_labels = blended_identities(
+            faces, labels, params.blend_identities, params.blend_faces, seed
+        )
+        faces, labels = np.concatenate([faces, blends]), np.concatenate([labels, blend_labels])
+        num_classes += params.blend_identities
     device = resolve_device(params.device)
     if device.type == "cuda" and distributed.world > 1:
         device = torch.device("cuda", distributed.local_rank)

@@ -3,6 +3,7 @@ sklearn, unscorable pairs, user CSVs and insightface .bin sets."""
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -363,3 +364,23 @@ def test_folds_plot_shades_the_interval_over_the_pairs(tmp_path: Path) -> None:
 
 def _light_grey_pixels(image: np.ndarray) -> int:
     return int(((image > 200) & (image < 245)).all(axis=2).sum())
+
+
+def test_a_cross_trained_models_figures_are_those_of_its_own_folds(tmp_path: Path) -> None:
+    from arcface.evaluate import model_figures
+    from arcface.search import threshold_from_metrics
+
+    folds = [
+        {"fold": 0, "model": "group-0", "accuracy": 0.9, "pairs": 100, "threshold": 0.2},
+        {"fold": 1, "model": "group-0", "accuracy": 0.8, "pairs": 300, "threshold": 0.4},
+        {"fold": 2, "model": "group-1", "accuracy": 1.0, "pairs": 100, "threshold": 0.9},
+    ]
+    metrics = {"groups": 2, "folds": folds, "accuracy_mean": 0.88, "threshold": 0.5}
+    assert model_figures(metrics, "group-0") == pytest.approx({"accuracy_mean": 0.825, "threshold": 0.3})
+    assert model_figures(metrics, "group-1") == pytest.approx({"accuracy_mean": 1.0, "threshold": 0.9})
+    assert model_figures(metrics, "group-7") is None  # scored no fold
+    assert model_figures({**metrics, "groups": 1}, "group-0") is None  # one model: the run's figures
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(metrics))
+    assert threshold_from_metrics(path, "group-1") == pytest.approx(0.9)
+    assert threshold_from_metrics(path) == pytest.approx(0.5)

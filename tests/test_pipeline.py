@@ -196,6 +196,16 @@ def test_cross_trained_run_scores_each_fold_with_the_model_blind_to_it(
     assert sorted(run.info.run_name for run in children) == ["group-0", "group-1"]
     for child in children:
         assert [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")] == [1]
+    # The registered verifier is model 0's: its accuracy is that of the folds it scored, not the run's.
+    own = sum(f["accuracy"] * f["pairs"] for f in metrics["folds"][:5]) / sum(
+        f["pairs"] for f in metrics["folds"][:5]
+    )
+    version = client.get_model_version("arcface-verifier", "1")
+    assert float(version.tags["lfw_accuracy"]) == pytest.approx(own, abs=1e-6)
+    assert f"group-0 of 2 cross-trained models: view2 accuracy {own:.4f} on the folds it scored" in (
+        version.description
+    )
+    assert f"({metrics['accuracy_mean']:.4f} over every model's folds)" in version.description
 
 
 def test_torchrun_two_processes_train_a_checkpoint_that_evaluates(

@@ -154,6 +154,20 @@ def test_fit_learns_real_faces_and_checkpoint_reloads(
     assert np.allclose(np.linalg.norm(reloaded, axis=1), 1.0, atol=1e-5)
 
 
+def test_blended_identities_train_as_extra_classes_after_the_real_ones(
+    tiny_training_set: tuple[np.ndarray, np.ndarray, int],
+) -> None:
+    faces, labels, classes = tiny_training_set
+    params = TrainParams(epochs=2, lr=0.05, blend_identities=5, blend_faces=3, **SMALL)
+    state = fit(params, faces, labels, classes, seed=0)
+    assert state.head.weight.shape[0] == classes + 5
+    # the epoch holds the real faces and the blends: 2 or 3 faces per blended person here
+    steps = state.schedule.steps_per_epoch
+    assert (len(faces) + 10) // 16 <= steps <= (len(faces) + 15) // 16
+    plain = fit(params.model_copy(update={"blend_identities": 0}), faces, labels, classes, seed=0)
+    assert plain.head.weight.shape[0] == classes
+
+
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
     tiny_training_set: tuple[np.ndarray, np.ndarray, int], tmp_path: Path, monkeypatch
 ) -> None:
@@ -508,6 +522,8 @@ def test_checkpoints_from_before_new_train_keys_still_resume() -> None:
         "time_budget_minutes",
         "class_balance",
         "sunglasses",
+        "blend_identities",
+        "blend_faces",
     )
     older = {k: v for k, v in current.items() if k not in newer_keys}
     assert _run_settings(older) == _run_settings(current)  # absent keys had their default's behaviour
@@ -516,6 +532,7 @@ def test_checkpoints_from_before_new_train_keys_still_resume() -> None:
     assert _run_settings({**current, "erase": 0.5}) != _run_settings(current)
     assert _run_settings({**current, "class_balance": 0.5}) != _run_settings(current)
     assert _run_settings({**current, "sunglasses": 0.2}) != _run_settings(current)
+    assert _run_settings({**current, "blend_identities": 100}) != _run_settings(current)
 
 
 def test_time_budget_keeps_the_epochs_that_fit_at_the_latest_pace() -> None:
