@@ -236,13 +236,15 @@ def _log_model(
         version = str(logged.registered_model_version)
         # What the UI's model page shows: what this version is, and what it scored.
         protocol = metrics.get("protocol")
-        summary = f"{verifier.describe()}; {protocol} accuracy {metrics['accuracy_mean']:.4f}"
-        if own is not None:
-            summary = (
-                f"{verifier.describe()}; {verifier_model} of {metrics['groups']} cross-trained models: "
-                f"{protocol} accuracy {own['accuracy_mean']:.4f} on the folds it scored "
-                f"({metrics['accuracy_mean']:.4f} over every model's folds)"
+        if own is None:
+            scored = f"{protocol} accuracy {metrics['accuracy_mean']:.4f}"
+        else:
+            scored = (
+                f"{verifier_model} of {metrics['groups']} cross-trained models: {protocol} accuracy "
+                f"{own['accuracy_mean']:.4f} on the folds it scored ({metrics['accuracy_mean']:.4f} over "
+                "every model's folds)"
             )
+        summary = f"{verifier.describe()}; {scored}"
         mlflow.MlflowClient().update_model_version(registered_name, version, description=summary)
         promote_if_better(registered_name, version, metrics | {"accuracy_mean": notes["accuracy_mean"]})
 

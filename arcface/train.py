@@ -375,7 +375,7 @@ def fit(
     distributed = distributed or Distributed()
     if params.blend_identities:
         blends, blend_labels = blended_identities(
-            faces, labels, params.blend_identities, params.blend_faces, seed
+            faces, labels, num_classes, params.blend_identities, params.blend_faces, seed
         )
         faces, labels = np.concatenate([faces, blends]), np.concatenate([labels, blend_labels])
         num_classes += params.blend_identities

@@ -18,7 +18,7 @@ def _people(counts: list[int]) -> tuple[np.ndarray, np.ndarray]:
 
 def test_each_blend_is_the_mean_of_two_peoples_faces() -> None:
     faces, labels = _people([3, 2, 5, 4])
-    blends, blend_labels = blended_identities(faces, labels, count=4, max_faces=4, seed=1)
+    blends, blend_labels = blended_identities(faces, labels, 4, count=4, max_faces=4, seed=1)
     assert sorted(set(blend_labels.tolist())) == [4, 5, 6, 7]  # after the four real people
     sources = {}
     for label in range(4, 8):
@@ -42,8 +42,8 @@ def test_each_blend_is_the_mean_of_two_peoples_faces() -> None:
 
 def test_blends_are_distinct_pairs_and_seeded() -> None:
     faces, labels = _people([2, 2, 2])
-    first = blended_identities(faces, labels, count=3, max_faces=6, seed=0)
-    again = blended_identities(faces, labels, count=3, max_faces=6, seed=0)
+    first = blended_identities(faces, labels, 3, count=3, max_faces=6, seed=0)
+    again = blended_identities(faces, labels, 3, count=3, max_faces=6, seed=0)
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
     assert len(first[1]) == 6  # three pairs (all there are), two faces each
 
@@ -51,10 +51,10 @@ def test_blends_are_distinct_pairs_and_seeded() -> None:
 def test_more_blends_than_pairs_is_refused() -> None:
     faces, labels = _people([2, 2, 2])
     with pytest.raises(ValueError, match="3 people make at most 3 pairs"):
-        blended_identities(faces, labels, count=4, max_faces=6, seed=0)
+        blended_identities(faces, labels, 3, count=4, max_faces=6, seed=0)
 
 
 def test_no_blends() -> None:
     faces, labels = _people([2, 2])
-    blends, blend_labels = blended_identities(faces, labels, count=0, max_faces=6, seed=0)
+    blends, blend_labels = blended_identities(faces, labels, 2, count=0, max_faces=6, seed=0)
     assert blends.shape == (0, 4, 4, 3) and blend_labels.shape == (0,)

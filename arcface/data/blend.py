@@ -13,16 +13,15 @@ import numpy as np
 
 
 def blended_identities(
-    faces: np.ndarray, labels: np.ndarray, count: int, max_faces: int, seed: int
+    faces: np.ndarray, labels: np.ndarray, num_classes: int, count: int, max_faces: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`count` new identities, labelled after the existing ones (from labels.max() + 1).
+    """`count` new identities, labelled after the `num_classes` existing ones (from num_classes on).
 
     Each is a distinct random pair of training people; its k-th face (k < min(max(n_a, n_b), max_faces))
     is the average of person a's and person b's faces at positions k mod n_a and k mod n_b of a seeded
     shuffle of each. Returns (M, 112, 112, 3) uint8 faces and (M,) int64 labels.
     """
     labels = np.asarray(labels, dtype=np.int64)
-    num_classes = int(labels.max()) + 1 if len(labels) else 0
     if count <= 0:
         return np.zeros((0, *faces.shape[1:]), dtype=np.uint8), np.zeros(0, dtype=np.int64)
     if num_classes < 2:
