@@ -94,9 +94,10 @@ def _compare(grid: dict[str, list[Any]], overrides: dict[str, Any], params_file:
             "download.* and align.* come from params.yaml only"
         )
     project = Layout()
-    sync = DvcSync() if DvcSync.available() else None
+    shared_params = load_params(params_file)
+    sync = DvcSync.for_params(shared_params, log=logger)
     shared_stages = [("download", stages.download), ("align", stages.align_faces)]
-    run_stages(shared_stages, load_params(params_file), project, sync, logger)
+    run_stages(shared_stages, shared_params, project, sync, logger)
     grid_id = uuid.uuid4().hex[:8]
     rows = []
     for combination in combinations(grid):

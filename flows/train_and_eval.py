@@ -2,9 +2,11 @@
 
 The same stages, params and paths as dvc.yaml. Run it in-process (`python -m flows.train_and_eval`) or
 as the deployment served by `flows/serve.py` (`prefect deployment run train-and-eval/local`).
-With no overrides the flow keeps DVC's lock in step (tasks/dvc_sync.py): stages DVC considers up to date
-are skipped and finished ones are committed, so `dvc status` is clean afterwards. With overrides the run
-is an experiment outside params.yaml, so DVC is left alone.
+On params.yaml's params the flow keeps DVC's lock in step (tasks/dvc_sync.py): stages DVC considers up to
+date are skipped and finished ones are committed, so `dvc status` is clean afterwards. With overrides (or
+another params file) the run is an experiment: dvc.lock is left as it is, and only the stages whose
+declared params the experiment leaves alone are reused (a training override retrains on the faces already
+aligned).
 """
 
 from __future__ import annotations
@@ -65,18 +67,15 @@ def _run_stages(overrides: dict[str, Any], params_file: str) -> dict[str, Any]:
     logger = get_run_logger()
     params = load_params(params_file, overrides)
     layout = Layout()
-    sync = DvcSync() if not overrides and DvcSync.available() else None
-    if sync is None:
-        logger.info("DVC bookkeeping off (%s)", "overrides given" if overrides else "no DVC project")
-
+    sync = DvcSync.for_params(params, log=logger)
     run_stages(STAGES, params, layout, sync, logger)
 
     metrics = read_json(layout.reports / "metrics.json")
     commit = git_commit() or "unknown"
-    if sync is None or not sync.up_to_date("track"):
+    if sync is None or not sync.reusable("track"):
         tags = {"prefect.flow_run_id": flow_run.get_id() or "", "git_commit": commit}
         stages.track_run(params, layout, tags)
-        if sync is not None:
+        if sync is not None and sync.records:
             sync.commit("track")
     run_id = read_json(layout.reports / "mlflow_run.json")["run_id"]
     create_markdown_artifact(

@@ -3,28 +3,87 @@
 Before a stage runs, DVC is asked whether it is up to date (same deps, params and outs as in dvc.lock);
 if so the flow skips it. After it runs in-process, `dvc commit` records its outputs exactly as `dvc repro`
 would. So after either door, `dvc status` is clean and the other door recomputes nothing.
+
+A run whose params differ from params.yaml (overrides, or another params file) is an experiment: DVC's
+record describes params.yaml, so nothing is committed, and a stage is reused only when DVC has it up to
+date and none of the params it declares in dvc.yaml differs (`--set train.lr=0.05` retrains on the
+aligned faces already there instead of aligning them again).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import yaml
+
+from arcface.config import Params, ParamsError, flatten, load_params
 
 logger = logging.getLogger(__name__)
 
 
 class DvcSync:
-    """Stage bookkeeping against the DVC project at `root` (a folder holding dvc.yaml and .dvc/)."""
+    """Stage bookkeeping against the DVC project at `root` (a folder holding dvc.yaml and .dvc/), which
+    must be the current folder when DVC is asked (DVC finds stage names in the current folder's dvc.yaml).
 
-    def __init__(self, root: Path = Path(".")) -> None:
+    `changed` holds the dotted params keys whose values differ from the project's params.yaml; with any,
+    the run only reads DVC's record (`records` is False)."""
+
+    def __init__(self, root: Path = Path("."), changed: Collection[str] = ()) -> None:
         self.root = Path(root)
+        self.changed = frozenset(changed)
 
     @staticmethod
     def available(root: Path = Path(".")) -> bool:
         """True when `root` is a DVC project with a pipeline."""
         return (Path(root) / ".dvc").is_dir() and (Path(root) / "dvc.yaml").is_file()
+
+    @classmethod
+    def for_params(cls, params: Params, root: Path = Path("."), log: Any = logger) -> DvcSync | None:
+        """The bookkeeping for a run on `params`: None without a DVC project (or without a params.yaml
+        that loads, since DVC's record describes that file), else one that knows what differs from it."""
+        root = Path(root)
+        if not cls.available(root):
+            log.info("DVC bookkeeping off (no DVC project)")
+            return None
+        try:
+            project = load_params(root / "params.yaml")
+        except ParamsError as err:
+            log.warning("DVC bookkeeping off: %s", str(err).splitlines()[0])
+            return None
+        sync = cls(root, changed_keys(flatten(params), flatten(project)))
+        if not sync.records:
+            shown = sorted(sync.changed)
+            more = f" and {len(shown) - 6} more" if len(shown) > 6 else ""
+            log.info(
+                "params differ from params.yaml in %s%s: an experiment, so dvc.lock is left as it is; "
+                "stages those params don't touch are reused where DVC has them up to date",
+                ", ".join(shown[:6]),
+                more,
+            )
+        return sync
+
+    @property
+    def records(self) -> bool:
+        """True when the run's params are params.yaml's, so the stages it runs are committed to dvc.lock."""
+        return not self.changed
+
+    def declared_params(self, stage: str) -> list[str] | None:
+        """The params entries `stage` lists in dvc.yaml (None when one names another params file)."""
+        stages = (yaml.safe_load((self.root / "dvc.yaml").read_text()) or {}).get("stages", {})
+        entries = (stages.get(stage) or {}).get("params", [])
+        return None if any(not isinstance(entry, str) for entry in entries) else list(entries)
+
+    def reusable(self, stage: str) -> bool:
+        """True when the stage's outputs on disk are what this run would make: DVC has it up to date and
+        none of the params it declares differs from params.yaml."""
+        if not self.records:
+            declared = self.declared_params(stage)
+            if declared is None or any(_covers(entry, key) for entry in declared for key in self.changed):
+                return False
+        return self.up_to_date(stage)
 
     def up_to_date(self, stage: str) -> bool:
         """True when the stage's deps, params and outs match dvc.lock."""
@@ -44,6 +103,17 @@ class DvcSync:
         logger.info("dvc: committed stage %s", stage)
 
 
+def changed_keys(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> set[str]:
+    """The dotted keys whose values differ between two flattened params (or that only one has)."""
+    missing = object()
+    return {key for key in ours.keys() | theirs.keys() if ours.get(key, missing) != theirs.get(key, missing)}
+
+
+def _covers(entry: str, key: str) -> bool:
+    """True when a dvc.yaml params entry (`train`, `evaluate.protocol`) and a dotted key overlap."""
+    return key == entry or key.startswith(entry + ".") or entry.startswith(key + ".")
+
+
 def run_stages(
     stages: Sequence[tuple[str, Callable[..., Any]]],
     params: Any,
@@ -51,12 +121,13 @@ def run_stages(
     sync: DvcSync | None,
     log: Any = logger,
 ) -> None:
-    """Run each (name, task) on (params, layout), skipping the ones DVC says are up to date and
-    committing the ones that ran, so DVC's record stays in step (no `sync`: just run them)."""
+    """Run each (name, task) on (params, layout), skipping the ones whose outputs are already this run's
+    (DvcSync.reusable) and committing the ones that ran when the params are params.yaml's, so DVC's
+    record stays in step (no `sync`: just run them)."""
     for name, stage_task in stages:
-        if sync is not None and sync.up_to_date(name):
+        if sync is not None and sync.reusable(name):
             log.info("stage %s: up to date, skipped", name)
             continue
         stage_task(params, layout)
-        if sync is not None:
+        if sync is not None and sync.records:
             sync.commit(name)

@@ -328,6 +328,25 @@ def test_dvc_repro_twice_then_flow_in_process_skips_everything(
     (row,) = shown[shown["Experiment"] == "softmax-exp"].to_dict("records")
     assert row["train.loss"] == "softmax" and 0.0 <= float(row["accuracy_mean"]) <= 1.0  # its metrics too
 
+    # An experiment through the flow: a training override retrains on the faces already aligned and
+    # leaves dvc.lock describing params.yaml.
+    aligned_times = {p: p.stat().st_mtime_ns for p in (workspace / "data/aligned").rglob("*") if p.is_file()}
+    lock = (workspace / "dvc.lock").read_bytes()
+    before = checkpoint.stat().st_mtime_ns
+    run_id = read_json(workspace / "reports/mlflow_run.json")["run_id"]
+    train_and_eval(overrides={"train.lr": 0.02})
+    assert {
+        p: p.stat().st_mtime_ns for p in (workspace / "data/aligned").rglob("*") if p.is_file()
+    } == aligned_times
+    assert checkpoint.stat().st_mtime_ns != before
+    assert (workspace / "dvc.lock").read_bytes() == lock
+    assert "train" in sh(*dvc, "status", cwd=workspace)  # DVC sees the experiment's model as changed
+    tracked = read_json(workspace / "reports/mlflow_run.json")["run_id"]
+    import mlflow
+
+    logged = mlflow.MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}").get_run(tracked).data.params
+    assert tracked != run_id and logged["train.lr"] == "0.02"
+
 
 @pytest.mark.slow
 def test_comparison_grid_makes_one_tracked_run_per_combination(
