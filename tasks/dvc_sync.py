@@ -6,7 +6,7 @@ would. So after either door, `dvc status` is clean and the other door recomputes
 
 A run whose params differ from params.yaml (overrides, or another params file) is an experiment: DVC's
 record describes params.yaml, so nothing is committed, and a stage is reused only when DVC has it up to
-date and none of the params it declares in dvc.yaml differs (`--set train.lr=0.05` retrains on the
+date and none of the params it declares in dvc.yaml differs (`--set train.lr=0.02` retrains on the
 aligned faces already there instead of aligning them again).
 """
 
