@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -70,10 +71,14 @@ class DvcSync:
         """True when the run's params are params.yaml's, so the stages it runs are committed to dvc.lock."""
         return not self.changed
 
+    @cached_property
+    def _stages(self) -> dict[str, Any]:
+        """dvc.yaml's stages, read once per run."""
+        return (yaml.safe_load((self.root / "dvc.yaml").read_text()) or {}).get("stages", {})
+
     def declared_params(self, stage: str) -> list[str] | None:
         """The params entries `stage` lists in dvc.yaml (None when one names another params file)."""
-        stages = (yaml.safe_load((self.root / "dvc.yaml").read_text()) or {}).get("stages", {})
-        entries = (stages.get(stage) or {}).get("params", [])
+        entries = (self._stages.get(stage) or {}).get("params", [])
         return None if any(not isinstance(entry, str) for entry in entries) else list(entries)
 
     def reusable(self, stage: str) -> bool:
